@@ -1,0 +1,211 @@
+"""Cross-request dynamic batching for in-process backends.
+
+Requests from many RPCs are queued; one worker thread runs forward passes one after another. While a pass
+runs, new requests accumulate, so under load batches grow by themselves and at low load a lone request is
+dispatched at once (no added latency). `max_wait_ms` > 0 additionally holds a non-full batch open a little.
+A failed batch is re-run request by request, so one bad request cannot fail its neighbours (the
+Triton python_backend rule: a failure belongs to the request that caused it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from vision.errors import ResourceExhausted, Unavailable
+
+Outputs = dict[str, np.ndarray]
+RunBatch = Callable[[np.ndarray], Outputs]
+
+
+@dataclass
+class _Pending:
+    inputs: np.ndarray
+    future: asyncio.Future[Outputs]
+    enqueued: float
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """Reported once per forward pass, for metrics."""
+
+    size: int
+    queue_seconds: float
+    run_seconds: float
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float = 0.0,
+        max_queue_images: int = 1024,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        on_queue_depth: Callable[[int], None] | None = None,
+        name: str = "model",
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self._run_batch = run_batch
+        self._max_batch = max_batch_size
+        self._max_wait = max_wait_ms / 1000.0
+        self._max_queue = max_queue_images
+        self._on_batch = on_batch
+        self._on_queue_depth = on_queue_depth
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._queued_images = 0
+        self._wakeup = asyncio.Event()
+        # One thread: forward passes use all intra-op threads; two at once would only contend.
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._serve(), name="dynamic-batcher")
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for pending in self._queue:
+            if not pending.future.done():
+                pending.future.set_exception(Unavailable("model is shutting down"))
+        self._queue.clear()
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, inputs: np.ndarray) -> Outputs:
+        """Run `inputs` (N, ...) through the model, batched with other callers' requests; N may exceed the
+        max batch size (it is split)."""
+        if self._closed:
+            raise Unavailable("model is shutting down")
+        self.start()
+        n = len(inputs)
+        if self._queued_images + n > self._max_queue:
+            raise ResourceExhausted(
+                f"inference queue is full ({self._queued_images} images waiting, limit {self._max_queue}); "
+                "retry with backoff"
+            )
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        chunks = [inputs[i : i + self._max_batch] for i in range(0, n, self._max_batch)]
+        futures = []
+        for chunk in chunks:
+            pending = _Pending(chunk, loop.create_future(), now)
+            self._queue.append(pending)
+            futures.append(pending.future)
+        self._queued_images += n
+        self._report_depth()
+        self._wakeup.set()
+        try:
+            results = await asyncio.gather(*futures)
+        except BaseException:
+            # Cancelled (deadline, client gone) or failed: withdraw our still-queued chunks.
+            for fut in futures:
+                fut.cancel()
+            raise
+        if len(results) == 1:
+            return results[0]
+        return {key: np.concatenate([r[key] for r in results]) for key in results[0]}
+
+    def _report_depth(self) -> None:
+        if self._on_queue_depth is not None:
+            self._on_queue_depth(self._queued_images)
+
+    def _pop_live(self) -> _Pending | None:
+        while self._queue:
+            pending = self._queue.popleft()
+            self._queued_images -= len(pending.inputs)
+            if not pending.future.done():
+                return pending
+        return None
+
+    async def _next_batch(self) -> list[_Pending]:
+        while not self._queue:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        first = self._pop_live()
+        if first is None:
+            return []
+        batch, size = [first], len(first.inputs)
+        deadline = time.perf_counter() + self._max_wait
+        while size < self._max_batch:
+            if not self._queue:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+                continue
+            if len(self._queue[0].inputs) + size > self._max_batch:
+                break  # stays queued: it heads the next batch
+            pending = self._pop_live()
+            if pending is None:
+                continue
+            batch.append(pending)
+            size += len(pending.inputs)
+        self._report_depth()
+        return batch
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            batch = [p for p in batch if not p.future.done()]
+            if not batch:
+                continue
+            started = time.perf_counter()
+            inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._run_batch, inputs)
+            except Exception as exc:
+                if len(batch) == 1:
+                    _resolve(batch[0].future, exc=exc)
+                else:
+                    await self._run_individually(batch)
+                continue
+            finished = time.perf_counter()
+            if self._on_batch is not None:
+                self._on_batch(BatchStats(len(inputs), started - min(p.enqueued for p in batch), finished - started))
+            offset = 0
+            for pending in batch:
+                n = len(pending.inputs)
+                _resolve(pending.future, {k: v[offset : offset + n] for k, v in outputs.items()})
+                offset += n
+
+    async def _run_individually(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        for pending in batch:
+            if pending.future.done():
+                continue
+            try:
+                result = await loop.run_in_executor(self._executor, self._run_batch, pending.inputs)
+            except Exception as exc:
+                _resolve(pending.future, exc=exc)
+            else:
+                _resolve(pending.future, result)
+
+
+def _resolve(future: asyncio.Future[Outputs], result: Outputs | None = None, exc: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        assert result is not None
+        future.set_result(result)

@@ -1,0 +1,60 @@
+"""In-process PyTorch backend: eager module, inference_mode, channels_last, cross-request batching."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from vision.backends.base import LOGITS, BatchingConfig, InferenceBackend, Outputs
+from vision.backends.batching import BatchStats, DynamicBatcher
+
+
+class TorchBackend(InferenceBackend):
+    kind = "torch"
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        device: str = "cpu",
+        batching: BatchingConfig = BatchingConfig(),
+        channels_last: bool = True,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        on_queue_depth: Callable[[int], None] | None = None,
+        name: str = "model",
+    ) -> None:
+        self._device = torch.device(device)
+        # channels_last lets oneDNN/cuDNN pick faster convolution kernels (about 1.2-4x on these CPUs).
+        self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._module = module.eval().to(self._device, memory_format=self._memory_format)
+        self._batcher = DynamicBatcher(
+            self.forward,
+            max_batch_size=batching.max_batch_size,
+            max_wait_ms=batching.max_wait_ms,
+            max_queue_images=batching.max_queue_images,
+            on_batch=on_batch,
+            on_queue_depth=on_queue_depth,
+            name=name,
+        )
+
+    def forward(self, batch: np.ndarray) -> Outputs:
+        """Synchronous forward pass (runs in the batcher's worker thread, or directly in benchmarks)."""
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self._device).contiguous(memory_format=self._memory_format)
+            out = self._module(x)
+        return {LOGITS: out.float().cpu().numpy()}
+
+    async def start(self) -> None:
+        self._batcher.start()
+
+    async def infer(self, batch: np.ndarray) -> Outputs:
+        return await self._batcher.submit(batch)
+
+    def is_ready(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        await self._batcher.close()

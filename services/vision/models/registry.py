@@ -1,0 +1,98 @@
+"""The one registry of model builders, shared by serving and training.
+
+A builder is registered under a name with the defaults its weights imply (preprocessing preset, label
+source, head type); `create_model` is the single door in. Modelled on timm's `register_model` /
+`create_model` and torchvision's weights records: the preprocessing travels with the model so a service
+can never pair a model with the wrong transform.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vision.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchitectureDefaults:
+    """What an architecture's reference weights assume; a served model may override each field."""
+
+    # Output width of the head for the reference weights.
+    num_classes: int = 1000
+    # Name of the preprocessing preset (vision.imaging.PRESETS) the reference weights were trained with.
+    preset: str = "torchvision"
+    # Label source: "imagenet" (torchvision's ImageNet-1k names) or a path to a label file.
+    labels: str = "imagenet"
+    # "classification" (softmax over labels) or "multilabel" (sigmoid per label).
+    task: str = "classification"
+    # Returns the path of weights shipped with an installed package, or None when there are none offline.
+    bundled_weights: Callable[[], Path] | None = None
+    # How a foreign state dict maps onto this module's keys: "strict" or "by_order" (same shapes, other names).
+    key_mapping: str = "strict"
+
+
+Builder = Callable[..., "nn.Module"]
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    builder: Builder
+    defaults: ArchitectureDefaults
+
+
+_REGISTRY: dict[str, RegisteredModel] = {}
+
+
+def register_model(name: str, defaults: ArchitectureDefaults = ArchitectureDefaults()) -> Callable[[Builder], Builder]:
+    """Decorator: register a keyword-only builder `fn(*, num_classes: int) -> nn.Module` under `name`."""
+
+    def decorate(fn: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(
+                f"model {name!r} is already registered by {_REGISTRY[name].builder.__module__}; pick another name"
+            )
+        _REGISTRY[name] = RegisteredModel(name=name, builder=fn, defaults=defaults)
+        return fn
+
+    return decorate
+
+
+def _ensure_zoo_loaded() -> None:
+    # Importing the zoo registers its builders; done lazily so that importing the registry stays cheap.
+    import vision.models.zoo  # noqa: F401
+
+
+def list_architectures() -> list[str]:
+    _ensure_zoo_loaded()
+    return sorted(_REGISTRY)
+
+
+def get_architecture(name: str) -> RegisteredModel:
+    _ensure_zoo_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigurationError(
+            f"unknown architecture {name!r}; registered: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def create_model(name: str, *, num_classes: int | None = None, weights: Path | None = None) -> "nn.Module":
+    """Build `name` in eval mode. `weights`: a state dict or registry checkpoint; None means the bundled
+    weights when the architecture has some, otherwise random initialisation."""
+    from vision.models.weights import load_weights
+
+    entry = get_architecture(name)
+    module = entry.builder(num_classes=num_classes or entry.defaults.num_classes)
+    if weights is None and entry.defaults.bundled_weights is not None:
+        weights = entry.defaults.bundled_weights()
+    if weights is not None:
+        load_weights(module, Path(weights), key_mapping=entry.defaults.key_mapping)
+    return module.eval()

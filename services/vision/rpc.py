@@ -1,0 +1,67 @@
+"""The one place where RPC outcomes become gRPC statuses and request metrics.
+
+Every servicer method is wrapped with `@rpc_method(service, method)`: domain errors map to their status
+with the caller-facing message; anything unexpected is logged with its traceback and returned as INTERNAL
+without leaking internals; deadlines and cancellations are counted as such.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from vision import metrics
+from vision.errors import VisionError
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+
+def status_of(error: VisionError) -> grpc.StatusCode:
+    return grpc.StatusCode[error.status]
+
+
+def rpc_method(service: str, method: str) -> Callable[[Handler], Handler]:
+    def decorate(fn: Handler) -> Handler:
+        in_flight = metrics.IN_FLIGHT.labels(service=service, method=method)
+        latency = metrics.REQUEST_LATENCY.labels(service=service, method=method)
+
+        @functools.wraps(fn)
+        async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            code = grpc.StatusCode.OK
+            started = time.perf_counter()
+            in_flight.inc()
+            try:
+                return await fn(self, request, context)
+            except VisionError as exc:
+                code = status_of(exc)
+                await context.abort(code, str(exc))
+            except asyncio.CancelledError:
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception:
+                log.exception("%s/%s failed", service, method)
+                code = grpc.StatusCode.INTERNAL
+                await context.abort(code, "internal error; the server log has the details")
+            finally:
+                in_flight.dec()
+                latency.observe(time.perf_counter() - started)
+                metrics.REQUESTS.labels(service=service, method=method, code=code.name).inc()
+
+        return handler
+
+    return decorate

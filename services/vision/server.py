@@ -1,0 +1,108 @@
+"""The standalone `grpc.aio` runner: every service in one process, plus health, reflection and metrics.
+
+Start-up order matters for operators: models load first (a bad file stops start-up before any port is
+bound), then the port opens, then health turns SERVING. On SIGTERM health turns NOT_SERVING at once (load
+balancers stop routing), in-flight RPCs get `grace_seconds` to finish, then the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from vision.dataplane import DataPlane
+from vision.imaging import DecodeLimits
+from vision.metrics import serve_metrics
+from vision.repository import ModelRepository, load_repository
+from vision.servicers.classification import SERVICE as CLASSIFICATION, ClassificationServicer
+from vision.settings import ServeSettings
+from vision.v1 import classification_pb2, classification_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    grpc_address: str
+    metrics_url: str
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _grpc_options(settings: ServeSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        # Reject a second server on the same port instead of silently sharing it.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def serve(
+    settings: ServeSettings,
+    *,
+    repository: ModelRepository | None = None,
+    on_ready: Callable[[Endpoints], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT (or `stop` is set), then drain and return."""
+    repository = repository or load_repository(settings)
+    await repository.start()
+    dataplane = DataPlane(
+        repository,
+        limits=DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
+        max_images_per_request=settings.max_images_per_request,
+        decode_workers=settings.decode_workers,
+    )
+    server = grpc.aio.server(options=_grpc_options(settings))
+    classification_pb2_grpc.add_ClassificationServicer_to_server(ClassificationServicer(dataplane), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    service_names = [CLASSIFICATION]
+    reflection.enable_server_reflection(
+        [
+            classification_pb2.DESCRIPTOR.services_by_name["Classification"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    port = server.add_insecure_port(_hostport(settings.host, settings.port))
+    if port == 0:
+        raise OSError(f"cannot bind gRPC on {_hostport(settings.host, settings.port)} (in use?)")
+    metrics_httpd, metrics_port = serve_metrics(settings.host, settings.metrics_port)
+    await server.start()
+    for name in ["", *service_names]:
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests embedding the server)
+            pass
+    endpoints = Endpoints(_hostport(settings.host, port), f"http://{_hostport(settings.host, metrics_port)}/metrics")
+    if on_ready is not None:
+        on_ready(endpoints)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: draining in-flight RPCs for up to %.1fs", settings.grace_seconds)
+        await health.enter_graceful_shutdown()
+        await server.stop(settings.grace_seconds)
+        await repository.close()
+        dataplane.close()
+        metrics_httpd.shutdown()  # type: ignore[attr-defined]
+        metrics_httpd.server_close()  # type: ignore[attr-defined]
+        log.info("stopped")

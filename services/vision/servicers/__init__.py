@@ -1,0 +1,1 @@
+"""gRPC servicers: protobuf ⇄ domain types around the data plane. No business logic here."""

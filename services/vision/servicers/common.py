@@ -1,0 +1,40 @@
+"""Protobuf conversions shared by every servicer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from vision.dataplane import EncodedImage
+from vision.repository import ModelCard, ServedModel
+from vision.v1 import common_pb2
+
+
+def model_info(card: ModelCard, *, full: bool = False) -> common_pb2.ModelInfo:
+    """Name and version always; `full` adds what ListModels describes."""
+    info = common_pb2.ModelInfo(name=card.name, version=card.version)
+    if full:
+        preset = card.preset
+        info.architecture = card.architecture
+        info.num_labels = card.num_labels
+        info.backend = card.backend
+        info.weights_sha256 = card.weights_sha256
+        info.task = card.task
+        info.preprocessing.CopyFrom(
+            common_pb2.Preprocessing(
+                preset=preset.name,
+                resize_shorter=preset.resize_shorter,
+                crop_size=preset.crop_size,
+                mean=preset.mean,
+                std=preset.std,
+                channel_order=preset.channel_order,
+            )
+        )
+    return info
+
+
+def encoded_images(images: Iterable[common_pb2.Image]) -> list[EncodedImage]:
+    return [EncodedImage(id=img.id, content=img.content) for img in images]
+
+
+def list_models_response(models: Iterable[ServedModel]) -> common_pb2.ListModelsResponse:
+    return common_pb2.ListModelsResponse(models=[model_info(m.card, full=True) for m in models])

@@ -1,0 +1,102 @@
+"""Start-up configuration: validated once at the boundary into one typed object, then passed down.
+
+Every field can be set by a CLI flag of `vision serve` or an environment variable `VISION_<FIELD>`
+(flags win). `VISION_MODELS` takes a JSON list of model objects.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from vision.errors import ConfigurationError
+
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class ModelConfig(BaseModel):
+    """One served model: an architecture from the registry plus its weights, labels and preprocessing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str = Field(description="Builder name in the model registry, e.g. efficientnet_lite0, resnet50.")
+    name: str | None = Field(None, description="Name clients select the model by; defaults to arch.")
+    version: str = Field("1", min_length=1, description="Version reported in every response.")
+    weights: Path | None = Field(
+        None, description="State dict or registry checkpoint; default: the weights bundled for arch, if any."
+    )
+    labels: str | None = Field(
+        None, description="'imagenet', or a label file (index<TAB>name per line, or ML-Images hierarchy)."
+    )
+    preset: str | None = Field(None, description="Preprocessing preset; default: the architecture's.")
+    num_classes: int | None = Field(None, ge=1, description="Head width; default: from labels or the arch.")
+    task: Literal["classification", "multilabel"] | None = Field(None, description="Head type.")
+
+    @property
+    def served_name(self) -> str:
+        return self.name or self.arch
+
+    @classmethod
+    def parse_spec(cls, spec: str) -> "ModelConfig":
+        """`efficientnet_lite0` or `arch=resnet50,weights=/w.pt,version=2,labels=/l.txt,name=r50`."""
+        if "=" not in spec:
+            return cls(arch=spec.strip())
+        fields: dict[str, str] = {}
+        for part in spec.split(","):
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
+                raise ConfigurationError(f"model spec {spec!r}: expected key=value pairs separated by commas")
+            fields[key.strip()] = value.strip()
+        return cls.model_validate(fields)
+
+
+class ServeSettings(BaseSettings):
+    """Everything `vision serve` needs."""
+
+    model_config = SettingsConfigDict(env_prefix="VISION_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to bind gRPC and metrics on.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one.")
+    backend: Literal["torch"] = Field("torch", description="Inference engine for every model.")
+    device: str = Field("cpu", description="torch device for the torch backend: cpu, cuda, cuda:1...")
+    threads: int = Field(_CPUS, ge=1, description="Intra-op threads of the inference engine.")
+    models: list[ModelConfig] = Field(
+        default_factory=lambda: [ModelConfig(arch="efficientnet_lite0")],
+        description="Served models; the first of each task is the default.",
+    )
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Largest forward pass.")
+    max_wait_ms: float = Field(0.0, ge=0, le=1000, description="Extra wait for a non-full batch.")
+    max_queue_images: int = Field(1024, ge=1, description="Queued images per model before RESOURCE_EXHAUSTED.")
+    max_images_per_request: int = Field(64, ge=1, description="Images in one RPC.")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Encoded size limit per image.")
+    max_image_pixels: int = Field(40_000_000, ge=64, description="Width*height limit per image.")
+    decode_workers: int = Field(_CPUS, ge=1, description="Threads decoding and preprocessing images.")
+    grace_seconds: float = Field(10.0, ge=0, description="On SIGTERM, how long in-flight RPCs may finish.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("models")
+    @classmethod
+    def _at_least_one(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        if not models:
+            raise ValueError("at least one model must be served")
+        return models
+
+    @model_validator(mode="after")
+    def _unique_versions(self) -> "ServeSettings":
+        seen: set[tuple[str, str]] = set()
+        for m in self.models:
+            key = (m.served_name, m.version)
+            if key in seen:
+                raise ValueError(f"model {key[0]!r} version {key[1]!r} is configured twice")
+            seen.add(key)
+        return self
+
+    @property
+    def max_message_bytes(self) -> int:
+        # A full batch of maximum-size images plus protobuf framing.
+        return self.max_images_per_request * self.max_image_bytes + (1 << 20)
