@@ -66,8 +66,9 @@ class Preset:
         if self.channel_order == "BGR":
             rgb = rgb[..., ::-1]
         out = rgb.astype(np.float32)
-        out *= self._scale if self.channel_order == "RGB" else self._scale[::-1]
-        out -= self._offset if self.channel_order == "RGB" else self._offset[::-1]
+        # mean/std are given in channel_order, so they apply as-is after the channel swap.
+        out *= self._scale
+        out -= self._offset
         return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
@@ -155,7 +156,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         values = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
         gray = np.clip(values * (255.0 / peak), 0, 255).round().astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")
     return img.convert("RGB")
 
 

@@ -1,0 +1,119 @@
+"""DynamicBatcher: requests are batched, answers never mix, failures stay with their request."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from vision.backends.batching import BatchStats, DynamicBatcher
+from vision.errors import ResourceExhausted
+
+
+class RecordingModel:
+    """Output row i = input row i * 2 + 1 (so a mixed-up answer is visible); records batch sizes."""
+
+    def __init__(self, delay: float = 0.02, fail_on: float | None = None) -> None:
+        self.sizes: list[int] = []
+        self.delay = delay
+        self.fail_on = fail_on
+        self.threads: set[str] = set()
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        self.threads.add(threading.current_thread().name)
+        self.sizes.append(len(x))
+        time.sleep(self.delay)
+        if self.fail_on is not None and (x == self.fail_on).any():
+            raise ValueError("poisoned input")
+        return {"y": x * 2 + 1, "sum": x.reshape(len(x), -1).sum(axis=1)}
+
+
+def rows(value: float, n: int = 1) -> np.ndarray:
+    return np.full((n, 3, 2, 2), value, dtype=np.float32)
+
+
+async def test_concurrent_requests_are_batched_without_mixing():
+    model = RecordingModel()
+    stats: list[BatchStats] = []
+    batcher = DynamicBatcher(model, max_batch_size=8, on_batch=stats.append)
+    results = await asyncio.gather(*(batcher.submit(rows(float(i), n=1 + i % 3)) for i in range(20)))
+    for i, out in enumerate(results):
+        assert out["y"].shape == (1 + i % 3, 3, 2, 2)
+        assert (out["y"] == i * 2 + 1).all()
+        assert (out["sum"] == i * 12).all()
+    assert max(model.sizes) > 1 and max(model.sizes) <= 8
+    assert sum(model.sizes) == sum(1 + i % 3 for i in range(20))
+    assert len(stats) == len(model.sizes) and all(s.run_seconds > 0 for s in stats)
+    assert len(model.threads) == 1
+    await batcher.close()
+
+
+async def test_lone_request_is_dispatched_without_waiting():
+    model = RecordingModel(delay=0)
+    batcher = DynamicBatcher(model, max_batch_size=8, max_wait_ms=0)
+    started = time.perf_counter()
+    await batcher.submit(rows(1))
+    assert time.perf_counter() - started < 0.05
+    await batcher.close()
+
+
+async def test_max_wait_collects_stragglers():
+    model = RecordingModel(delay=0)
+    batcher = DynamicBatcher(model, max_batch_size=8, max_wait_ms=100)
+
+    async def late(i: int):
+        await asyncio.sleep(0.01 * i)
+        return await batcher.submit(rows(i))
+
+    await asyncio.gather(*(late(i) for i in range(4)))
+    assert model.sizes == [4]
+    await batcher.close()
+
+
+async def test_large_request_is_split_and_reassembled():
+    model = RecordingModel(delay=0)
+    batcher = DynamicBatcher(model, max_batch_size=4)
+    x = np.arange(10 * 12, dtype=np.float32).reshape(10, 3, 2, 2)
+    out = await batcher.submit(x)
+    np.testing.assert_array_equal(out["y"], x * 2 + 1)
+    assert all(s <= 4 for s in model.sizes)
+    await batcher.close()
+
+
+async def test_failure_stays_with_the_request_that_caused_it():
+    model = RecordingModel(fail_on=13.0)
+    batcher = DynamicBatcher(model, max_batch_size=16)
+    results = await asyncio.gather(*(batcher.submit(rows(float(i))) for i in range(16)), return_exceptions=True)
+    failures = [i for i, r in enumerate(results) if isinstance(r, Exception)]
+    assert failures == [13]
+    assert all((results[i]["y"] == i * 2 + 1).all() for i in range(16) if i != 13)
+    await batcher.close()
+
+
+async def test_full_queue_fails_fast():
+    model = RecordingModel(delay=0.2)
+    batcher = DynamicBatcher(model, max_batch_size=2, max_queue_images=4)
+    first = asyncio.ensure_future(batcher.submit(rows(0, 4)))
+    await asyncio.sleep(0)
+    with pytest.raises(ResourceExhausted, match="queue is full"):
+        await batcher.submit(rows(1, 2))
+    await first
+    await batcher.close()
+
+
+async def test_cancelled_request_is_skipped():
+    model = RecordingModel(delay=0.1)
+    batcher = DynamicBatcher(model, max_batch_size=1)
+    blocker = asyncio.ensure_future(batcher.submit(rows(0)))
+    await asyncio.sleep(0.01)
+    doomed = asyncio.ensure_future(batcher.submit(rows(99)))
+    await asyncio.sleep(0.01)
+    doomed.cancel()
+    after = await batcher.submit(rows(5))
+    await blocker
+    assert (after["y"] == 11).all()
+    assert len(model.sizes) == 2  # the cancelled request never ran
+    await batcher.close()

@@ -1,0 +1,97 @@
+"""Every registered architecture builds, loads weights saved here, and runs; bad weights fail clearly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vision.errors import ConfigurationError
+from vision.models import create_model, get_architecture, list_architectures, register_model
+from vision.models.weights import read_state_dict
+
+ARCHS = list_architectures()
+
+
+def test_registry_has_the_served_architectures():
+    assert {"resnet50", "resnet101", "resnext50_32x4d", "efficientnet_lite0"} <= set(ARCHS)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_architecture_loads_saved_state_dict_and_classifies(arch, tmp_path):
+    torch.manual_seed(0)
+    source = get_architecture(arch).builder(num_classes=7).eval()
+    path = tmp_path / f"{arch}.pt"
+    torch.save(source.state_dict(), path)
+    loaded = create_model(arch, num_classes=7, weights=path)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        out = loaded(x)
+        ref = source(x)
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    assert torch.equal(out, ref), "weights were not loaded"
+
+
+def test_registry_checkpoint_with_module_prefix_loads(tmp_path):
+    source = get_architecture("resnet50").builder(num_classes=3)
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": state, "epoch": 3, "arch": "resnet50"}, path)
+    loaded = create_model("resnet50", num_classes=3, weights=path)
+    assert torch.equal(loaded.fc.weight, source.fc.weight)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "not a readable torch file"),
+        (b"\x00" * 100 + b"garbage", "not a readable torch file"),
+        ("truncated", "not a readable torch file"),
+        ("tensor-not-dict", "holds no state dict"),
+        ("wrong-classes", "wrong shape"),
+        ("other-arch", "missing keys"),
+    ],
+)
+def test_bad_weights_fail_clearly(tmp_path, content, message):
+    path = tmp_path / "w.pt"
+    if content == "truncated":
+        torch.save(get_architecture("resnet50").builder(num_classes=3).state_dict(), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif content == "tensor-not-dict":
+        torch.save(torch.zeros(3), path)
+    elif content == "wrong-classes":
+        torch.save(get_architecture("resnet50").builder(num_classes=5).state_dict(), path)
+    elif content == "other-arch":
+        torch.save(get_architecture("efficientnet_lite0").builder(num_classes=3).state_dict(), path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigurationError, match=message) as info:
+        create_model("resnet50", num_classes=3, weights=path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_weights_file(tmp_path):
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        create_model("resnet50", weights=tmp_path / "nope.pt")
+
+
+def test_unknown_architecture_lists_known_ones():
+    with pytest.raises(ConfigurationError, match="resnet50"):
+        get_architecture("vgg99")
+
+
+def test_duplicate_registration_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("resnet50")(lambda *, num_classes: None)
+
+
+def test_bundled_efficientnet_weights_are_the_real_imagenet_ones():
+    from conftest import photo
+    from vision.imaging import PRESETS, preprocess
+
+    model = create_model("efficientnet_lite0")
+    x = torch.from_numpy(np.stack([preprocess(photo("coffee.png"), PRESETS["torchvision"])]))
+    with torch.inference_mode():
+        probs = model(x).softmax(-1)[0]
+    assert int(probs.argmax()) == 967 and float(probs[967]) > 0.8
+    assert len(read_state_dict(get_architecture("efficientnet_lite0").defaults.bundled_weights())) == 296
