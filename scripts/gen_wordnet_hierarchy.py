@@ -74,18 +74,25 @@ def parse_data_noun(path: Path) -> dict[str, Synset]:
                 n_pointers = int(fields[pos])
                 pointers = [fields[pos + 1 + 4 * k : pos + 5 + 4 * k] for k in range(n_pointers)]
             except (IndexError, ValueError) as exc:
-                raise SystemExit(f"{path}:{number}: cannot parse data.noun line ({exc}): {line[:80]!r}")
+                raise SystemExit(
+                    f"{path}:{number}: cannot parse data.noun line ({exc}): {line[:80]!r}"
+                ) from None
             hypernyms = [p[1] for p in pointers if p[0] == "@" and p[2] == "n"]
             instance_of = [p[1] for p in pointers if p[0] == "@i" and p[2] == "n"]
-            chosen = (hypernyms or instance_of or [None])[0]
-            synsets["n" + offset] = Synset("n" + offset, lemma.replace("_", " "), None if chosen is None else "n" + chosen)
+            candidates = hypernyms or instance_of
+            chosen = candidates[0] if candidates else None
+            synsets["n" + offset] = Synset(
+                "n" + offset, lemma.replace("_", " "), None if chosen is None else "n" + chosen
+            )
     return synsets
 
 
 def read_imagenet_wnids(path: Path) -> list[str]:
     wnids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(wnids) != 1000 or len(set(wnids)) != 1000:
-        raise SystemExit(f"{path}: expected 1000 distinct ImageNet wnids, found {len(wnids)} ({len(set(wnids))} distinct)")
+        raise SystemExit(
+            f"{path}: expected 1000 distinct ImageNet wnids, found {len(wnids)} ({len(set(wnids))} distinct)"
+        )
     return wnids
 
 
@@ -101,7 +108,9 @@ def torchvision_names() -> list[str]:
     return list(_IMAGENET_CATEGORIES)
 
 
-def build_rows(synsets: dict[str, Synset], classes: list[str], class_names: list[str]) -> list[tuple[int, str, int, str]]:
+def build_rows(
+    synsets: dict[str, Synset], classes: list[str], class_names: list[str]
+) -> list[tuple[int, str, int, str]]:
     """(index, wnid, parent index or -1, name) rows: classes first, then ancestors by wnid."""
     ancestors: set[str] = set()
     for wnid in classes:
@@ -137,13 +146,27 @@ def main(argv: list[str] | None = None) -> int:
             f"      --out {DEFAULT_OUT}"
         ),
     )
-    parser.add_argument("--wordnet", type=Path, default=Path("/usr/share/wordnet"),
-                        help="WordNet 3.0 dict directory containing data.noun (default: %(default)s)")
-    parser.add_argument("--synsets", type=Path, default=None,
-                        help="the 1000 ImageNet wnids in class order (default: timm's imagenet_synsets.txt)")
-    parser.add_argument("--leaf-names", choices=("torchvision", "wordnet"), default="torchvision",
-                        help="names for the 1000 classes (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output file (default: %(default)s)")
+    parser.add_argument(
+        "--wordnet",
+        type=Path,
+        default=Path("/usr/share/wordnet"),
+        help="WordNet 3.0 dict directory containing data.noun (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--synsets",
+        type=Path,
+        default=None,
+        help="the 1000 ImageNet wnids in class order (default: timm's imagenet_synsets.txt)",
+    )
+    parser.add_argument(
+        "--leaf-names",
+        choices=("torchvision", "wordnet"),
+        default="torchvision",
+        help="names for the 1000 classes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path(DEFAULT_OUT), help="output file (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
 
     data_noun = args.wordnet / "data.noun"
@@ -159,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         fh.write(HEADER + "\n")
         for index, wnid, parent, name in rows:
             fh.write(f"{index}\t{wnid}\t{parent}\t{name}\n")
-    print(f"wrote {len(rows)} labels ({len(classes)} classes, {len(rows) - len(classes)} ancestors) to {args.out}")
+    print(
+        f"wrote {len(rows)} labels ({len(classes)} classes, "
+        f"{len(rows) - len(classes)} ancestors) to {args.out}"
+    )
     return 0
 
 

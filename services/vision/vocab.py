@@ -35,7 +35,6 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
@@ -72,7 +71,8 @@ class Label:
     parent: int | None = None
 
 
-class HierarchyTag(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class HierarchyTag:
     """One tag produced by :func:`propagate_max`.
 
     ``from_hierarchy`` is True when the label was not predicted itself and is
@@ -104,7 +104,7 @@ def _find_cycle(parents: Sequence[int | None]) -> list[int] | None:
             path.append(node)
             node = parents[node]
         if node is not None and state[node] == 1:
-            return path[path.index(node):]
+            return path[path.index(node) :]
         for visited in path:
             state[visited] = 2
     return None
@@ -122,8 +122,9 @@ class LabelVocabulary:
     ``source`` names where the labels came from; it appears in error messages.
     """
 
-    labels: tuple[Label, ...]
-    source: str = "<memory>"
+    labels: tuple[Label, ...] = field(repr=False)
+    # Two vocabularies with the same labels are equal wherever they were read from.
+    source: str = field(default="<memory>", compare=False)
     _ancestors: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
     _descendants: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
     _children: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
@@ -194,6 +195,9 @@ class LabelVocabulary:
         return cls(tuple(Label(i, "", name, None) for i, name in enumerate(names)), source=source)
 
     # -- basic access ------------------------------------------------------------------
+
+    def __repr__(self) -> str:  # the default would print every label
+        return f"LabelVocabulary({len(self)} labels, max depth {self.max_depth}, source={self.source!r})"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -370,7 +374,8 @@ def load_mlimages(path: PathLike) -> LabelVocabulary:
         if len(fields) != n_columns:
             layout = "index, WordNet id, parent, name" if n_columns == 4 else "index, parent, name"
             raise VocabularyError(
-                f"{where}: expected {n_columns} tab-separated fields ({layout}), found {len(fields)}: {line!r}"
+                f"{where}: expected {n_columns} tab-separated fields ({layout}), "
+                f"found {len(fields)}: {line!r}"
             )
         if n_columns == 4:
             index_text, wnid, parent_text, name = fields
@@ -389,7 +394,9 @@ def load_mlimages(path: PathLike) -> LabelVocabulary:
         if parent < -1:
             raise VocabularyError(f"{where}: parent index must be >= 0, or -1 for a root; got {parent}")
         if index in line_of:
-            raise VocabularyError(f"{where}: label index {index} was already defined on line {line_of[index]}")
+            raise VocabularyError(
+                f"{where}: label index {index} was already defined on line {line_of[index]}"
+            )
         if wnid:
             if wnid in line_of_wnid:
                 other_index, other_line = line_of_wnid[wnid]
@@ -442,7 +449,9 @@ def write_mlimages(vocab: LabelVocabulary, path: PathLike, *, with_ids: bool = T
         parent = str(-1 if label.parent is None else label.parent)
         name = _checked_field(label.name, "name", label)
         if with_ids:
-            rows.append("\t".join((str(label.index), _checked_field(label.wnid, "WordNet id", label), parent, name)))
+            rows.append(
+                "\t".join((str(label.index), _checked_field(label.wnid, "WordNet id", label), parent, name))
+            )
         else:
             rows.append("\t".join((str(label.index), parent, name)))
     Path(path).write_text("\n".join(rows) + "\n", encoding="utf-8")
@@ -467,7 +476,9 @@ def load_label_file(path: PathLike) -> LabelVocabulary:
         where = f"{path}:{number}"
         fields = line.split("\t")
         if len(fields) != 2:
-            raise VocabularyError(f"{where}: expected 2 tab-separated fields (index, name), found {len(fields)}: {line!r}")
+            raise VocabularyError(
+                f"{where}: expected 2 tab-separated fields (index, name), found {len(fields)}: {line!r}"
+            )
         index = _parse_int(fields[0], "the label index", where)
         name = fields[1].strip()
         if index < 0:
@@ -475,7 +486,9 @@ def load_label_file(path: PathLike) -> LabelVocabulary:
         if not name:
             raise VocabularyError(f"{where}: label {index} has an empty name")
         if index in names:
-            raise VocabularyError(f"{where}: label index {index} was already defined on line {line_of[index]}")
+            raise VocabularyError(
+                f"{where}: label index {index} was already defined on line {line_of[index]}"
+            )
         names[index] = name
         line_of[index] = number
     if not names:
@@ -507,7 +520,9 @@ def load_nuswide_json(path: PathLike) -> LabelVocabulary:
         with open(path, encoding="utf-8-sig") as fh:
             document = json.load(fh)
     except json.JSONDecodeError as exc:
-        raise VocabularyError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+        raise VocabularyError(
+            f"{path}:{exc.lineno}: not valid JSON: {exc.msg} (column {exc.colno})"
+        ) from None
     except UnicodeDecodeError as exc:
         raise VocabularyError(f"{path}: not UTF-8 text ({exc})") from None
     if not isinstance(document, dict) or "labels" not in document:
@@ -589,7 +604,7 @@ def propagate_max(
         raise ValueError(f"predicted has shape {predicted.shape} but scores has {scores.shape}")
 
     results: list[list[HierarchyTag]] = []
-    for row_scores, row_predicted in zip(scores, predicted):
+    for row_scores, row_predicted in zip(scores, predicted, strict=True):
         best: dict[int, float] = {}
         own = np.flatnonzero(row_predicted)
         for index in own.tolist():
