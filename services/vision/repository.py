@@ -154,5 +154,10 @@ def load_model(config: ModelConfig, settings: ServeSettings) -> ServedModel:
 def load_repository(settings: ServeSettings) -> ModelRepository:
     import torch
 
-    torch.set_num_threads(settings.threads)
-    return ModelRepository([load_model(cfg, settings) for cfg in settings.models])
+    from vision.backends.torch_backend import run_on_torch_thread
+
+    def load_all() -> ModelRepository:
+        torch.set_num_threads(settings.threads)
+        return ModelRepository([load_model(cfg, settings) for cfg in settings.models])
+
+    return run_on_torch_thread(load_all)

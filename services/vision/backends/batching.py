@@ -51,6 +51,7 @@ class DynamicBatcher:
         on_batch: Callable[[BatchStats], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
         name: str = "model",
+        executor: concurrent.futures.Executor | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -63,8 +64,12 @@ class DynamicBatcher:
         self._queue: collections.deque[_Pending] = collections.deque()
         self._queued_images = 0
         self._wakeup = asyncio.Event()
-        # One thread: forward passes use all intra-op threads; two at once would only contend.
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        # One thread: forward passes use all intra-op threads; two at once would only contend. An engine that
+        # must always run on one particular thread (torch, see torch_backend) passes its own executor.
+        self._owns_executor = executor is None
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"infer-{name}"
+        )
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -84,7 +89,8 @@ class DynamicBatcher:
             if not pending.future.done():
                 pending.future.set_exception(Unavailable("model is shutting down"))
         self._queue.clear()
-        self._executor.shutdown(wait=True)
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)
 
     async def submit(self, inputs: np.ndarray) -> Outputs:
         """Run `inputs` (N, ...) through the model, batched with other callers' requests; N may exceed the

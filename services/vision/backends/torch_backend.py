@@ -1,8 +1,17 @@
-"""In-process PyTorch backend: eager module, inference_mode, channels_last, cross-request batching."""
+"""In-process PyTorch backend: eager module, inference_mode, channels_last, cross-request batching.
+
+All torch work of the process (building models, setting threads, forward passes) runs on ONE dedicated
+thread. Measured here: EfficientNet-Lite0 batch 1 took 14 ms when built and run on the same thread, but
+33 ms when built on the main thread and run on a worker, because each thread that enters a parallel
+region gets its own OpenMP team and the teams fight over the cores.
+"""
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -10,6 +19,24 @@ from torch import nn
 
 from vision.backends.base import LOGITS, BatchingConfig, InferenceBackend, Outputs
 from vision.backends.batching import BatchStats, DynamicBatcher
+
+T = TypeVar("T")
+_torch_thread: concurrent.futures.ThreadPoolExecutor | None = None
+_torch_thread_lock = threading.Lock()
+
+
+def torch_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's single torch thread."""
+    global _torch_thread
+    with _torch_thread_lock:
+        if _torch_thread is None:
+            _torch_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+        return _torch_thread
+
+
+def run_on_torch_thread(fn: Callable[..., T], *args: object) -> T:
+    """Run `fn(*args)` on the torch thread and wait for it (start-up work: building, loading, warm-up)."""
+    return torch_thread().submit(fn, *args).result()
 
 
 class TorchBackend(InferenceBackend):
@@ -38,6 +65,7 @@ class TorchBackend(InferenceBackend):
             on_batch=on_batch,
             on_queue_depth=on_queue_depth,
             name=name,
+            executor=torch_thread(),
         )
 
     def forward(self, batch: np.ndarray) -> Outputs:

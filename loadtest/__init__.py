@@ -1,0 +1,1 @@
+"""Load generation and raw-model baselines for the vision services (`python -m loadtest`)."""
