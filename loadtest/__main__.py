@@ -87,21 +87,32 @@ async def _service_run(target: str, image: bytes, concurrency: int, duration: fl
 
 
 def _raw_model(target: str, model_name: str, weights: Path | None, threads: int):
-    """The served model rebuilt in-process with the same engine, arch, weights and preset."""
-    import torch
-
-    from vision.backends.torch_backend import TorchBackend
-    from vision.imaging import get_preset
-    from vision.models import create_model
+    """The served model rebuilt in-process through the same loading code, engine, weights and preset."""
+    from vision.backends.torch_backend import run_on_torch_thread
+    from vision.repository import load_model
+    from vision.settings import ModelConfig, ServeSettings
 
     with grpc.insecure_channel(target) as channel:
         infos = classification_pb2_grpc.ClassificationStub(channel).ListModels(common_pb2.ListModelsRequest(), timeout=30).models
     info = next((m for m in infos if m.name == model_name), infos[0]) if model_name else infos[0]
-    if info.backend != "torch":
-        raise SystemExit(f"raw baseline for backend {info.backend!r} is not implemented")
-    torch.set_num_threads(threads)
-    module = create_model(info.architecture, num_classes=info.num_labels, weights=weights)
-    return TorchBackend(module), get_preset(info.preprocessing.preset), info
+    settings = ServeSettings(
+        backend=info.backend,
+        threads=threads,
+        models=[ModelConfig(arch=info.architecture, num_classes=info.num_labels, weights=weights, preset=info.preprocessing.preset)],
+    )
+
+    def load():  # noqa: ANN202
+        import torch
+
+        torch.set_num_threads(threads)
+        return load_model(settings.models[0], settings)
+
+    served = run_on_torch_thread(load)
+    forward = served.backend.forward
+    if info.backend == "torch":
+        # torch must run on the thread that built it (see vision.backends.torch_backend).
+        return (lambda batch: run_on_torch_thread(forward, batch)), served.card.preset, info
+    return forward, served.card.preset, info
 
 
 def _raw_run(forward, preset, image: bytes, batch_size: int, duration: float, warmup: float) -> RunResult:
@@ -191,13 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         raw: dict[int, RunResult] = {}
         if not args.no_raw:
-            backend, preset, info = _raw_model(target, args.model, args.weights, args.threads)
+            forward, preset, info = _raw_model(target, args.model, args.weights, args.threads)
             print(f"raw baseline: {info.name}:{info.version} ({info.architecture}, engine {info.backend}, {args.threads} threads)")
             for bs in sorted({1, args.batch_size}):
-                raw[bs] = _raw_run(backend.forward, preset, image, bs, args.duration, args.warmup)
+                raw[bs] = _raw_run(forward, preset, image, bs, args.duration, args.warmup)
                 _print(raw[bs])
                 results.append(raw[bs])
-            del backend
+            del forward
         for c in [int(x) for x in args.concurrency.split(",")]:
             result = asyncio.run(_service_run(target, image, c, args.duration, args.warmup, args.images_per_request, args.model))
             _print(result)

@@ -97,6 +97,14 @@ class ServerProcess:
         return self.proc.returncode
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh ONNX export cache per test session (inherited by every server the tests start)."""
+    path = tmp_path_factory.mktemp("onnx-cache")
+    os.environ["VISION_ONNX_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The embedded default (EfficientNet-Lite0, real ImageNet weights), shared by the whole session."""

@@ -55,7 +55,7 @@ def test_list_models_describes_preprocessing(classifier):
     assert (model.name, model.architecture, model.num_labels, model.task) == (
         "efficientnet_lite0", "efficientnet_lite0", 1000, "classification"
     )
-    assert model.backend == "torch" and len(model.weights_sha256) == 64
+    assert model.backend == "onnxruntime" and len(model.weights_sha256) == 64
     p = model.preprocessing
     assert (p.preset, p.resize_shorter, p.crop_size, p.channel_order) == ("torchvision", 256, 224, "RGB")
     assert list(p.mean) == pytest.approx([0.485, 0.456, 0.406])
@@ -251,7 +251,7 @@ def test_metrics_move_after_requests(classifier, server, photos):
             before, "vision_stage_duration_seconds_count", stage=stage
         )
     assert metric_value(after, "vision_request_duration_seconds_count", method="Classify") > 0
-    assert metric_value(after, "vision_model_info", model="efficientnet_lite0", backend="torch") == 1
+    assert metric_value(after, "vision_model_info", model="efficientnet_lite0", backend="onnxruntime") == 1
     assert "vision_requests_in_flight" in after and "process_resident_memory_bytes" in after
 
 

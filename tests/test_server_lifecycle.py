@@ -51,7 +51,8 @@ def multi_model_server(tmp_path_factory):
             net.fc.bias.zero_()
             net.fc.bias[3 if version == "1" else 7] = 50.0
         torch.save(net.state_dict(), root / f"r50-v{version}.pt")
-    args = ["--model", "efficientnet_lite0"]
+    # The torch backend end to end (the session server covers onnxruntime).
+    args = ["--backend", "torch", "--model", "efficientnet_lite0"]
     for version in ("1", "2"):
         args += ["--model", f"arch=resnet50,name=r50,version={version},weights={root / f'r50-v{version}.pt'},labels={labels}"]
     proc = ServerProcess(args, root / "serve.log").wait_ready()

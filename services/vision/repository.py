@@ -11,6 +11,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,7 +22,12 @@ from vision.errors import ConfigurationError, FailedPrecondition, NotFound
 from vision.imaging import Preset, get_preset
 from vision.settings import ModelConfig, ServeSettings
 
+if TYPE_CHECKING:
+    from vision.tagging import Tagger
+
 log = logging.getLogger(__name__)
+
+TAGGING = "tagging"
 
 
 @dataclass(frozen=True)
@@ -34,10 +40,17 @@ class ModelCard:
     preset: Preset
     backend: str
     weights_sha256: str = ""
+    # Tag vocabulary, thresholds and scoring for the Tagging service; None when the model cannot tag.
+    tagger: Tagger | None = None
 
     @property
     def num_labels(self) -> int:
         return len(self.labels)
+
+    @property
+    def tasks(self) -> frozenset[str]:
+        """What the model can serve: its head's task ("classification" or "multilabel"), plus "tagging"."""
+        return frozenset((self.task, TAGGING)) if self.tagger is not None else frozenset((self.task,))
 
 
 class ServedModel:
@@ -64,7 +77,8 @@ class ModelRepository:
         return iter(self._models)
 
     def list(self, task: str | None = None) -> list[ServedModel]:
-        return [m for m in self._models if task is None or m.card.task == task]
+        """Models that can serve `task` (see `ModelCard.tasks`), in configuration order; all when None."""
+        return [m for m in self._models if task is None or task in m.card.tasks]
 
     def get(self, name: str = "", version: str = "", *, task: str | None = None) -> ServedModel:
         """The model called `name` (default: the first configured for `task`), at `version` (default: newest)."""
@@ -74,8 +88,12 @@ class ModelRepository:
         name = name or candidates[0].card.name
         named = [m for m in candidates if m.card.name == name]
         if not named:
-            known = sorted({m.card.name for m in candidates})
-            raise NotFound(f"model {name!r} is not served here; available: {', '.join(known)}")
+            known = ", ".join(sorted({m.card.name for m in candidates}))
+            other = next((m for m in self._models if m.card.name == name), None)
+            if other is not None:
+                serves = ", ".join(sorted(other.card.tasks))
+                raise NotFound(f"model {name!r} cannot be used for {task} (it serves: {serves}); available: {known}")
+            raise NotFound(f"model {name!r} is not served here; available: {known}")
         if not version:
             return max(named, key=lambda m: _version_key(m.card.version))
         for model in named:
@@ -110,9 +128,22 @@ def _metric_hooks(name: str, version: str):  # noqa: ANN202 - pair of callbacks
     return on_batch, depth.set
 
 
+def _load_tagger(config: ModelConfig, default_task: str, labels: tuple[str, ...], labels_source: str | None) -> Tagger | None:
+    from vision.tagging import load_tagger
+
+    return load_tagger(
+        model=config.served_name,
+        task=config.task or default_task,
+        labels_source=labels_source or "",
+        labels=labels,
+        hierarchy=config.hierarchy,
+        thresholds=config.thresholds,
+    )
+
+
 def load_model(config: ModelConfig, settings: ServeSettings) -> ServedModel:
     """Build, load and wrap one model; raises ConfigurationError with the reason on any bad input."""
-    from vision.models import create_model, get_architecture
+    from vision.models import get_architecture
     from vision.models.labels import resolve_labels
     from vision.models.weights import sha256_file
 
@@ -127,7 +158,6 @@ def load_model(config: ModelConfig, settings: ServeSettings) -> ServedModel:
     weights: Path | None = config.weights
     if weights is None and defaults.bundled_weights is not None:
         weights = defaults.bundled_weights()
-    module = create_model(config.arch, num_classes=num_classes, weights=weights)
     if weights is None:
         log.warning("model %s serves RANDOM weights: no weights file given and none bundled", config.served_name)
     card = ModelCard(
@@ -139,16 +169,53 @@ def load_model(config: ModelConfig, settings: ServeSettings) -> ServedModel:
         preset=get_preset(config.preset or defaults.preset),
         backend=settings.backend,
         weights_sha256=sha256_file(weights) if weights is not None else "",
+        tagger=_load_tagger(config, defaults.task, labels, config.labels or defaults.labels),
     )
-    on_batch, on_depth = _metric_hooks(card.name, card.version)
-    batching = BatchingConfig(settings.max_batch_size, settings.max_wait_ms, settings.max_queue_images)
-    from vision.backends.torch_backend import TorchBackend
-
-    backend = TorchBackend(
-        module, device=settings.device, batching=batching, on_batch=on_batch, on_queue_depth=on_depth, name=card.name
-    )
+    backend = _build_backend(config, settings, card, num_classes, weights)
     metrics.record_model(card.name, card.version, card.architecture, backend.kind, card.weights_sha256)
     return ServedModel(card, backend)
+
+
+def _build_backend(
+    config: ModelConfig, settings: ServeSettings, card: ModelCard, num_classes: int, weights: Path | None
+) -> InferenceBackend:
+    from vision.models import create_model
+
+    on_batch, on_depth = _metric_hooks(card.name, card.version)
+    batching = BatchingConfig(settings.max_batch_size, settings.max_wait_ms, settings.max_queue_images)
+    hooks = {"batching": batching, "on_batch": on_batch, "on_queue_depth": on_depth, "name": card.name}
+    if settings.backend == "torch":
+        from vision.backends.torch_backend import TorchBackend
+
+        module = create_model(config.arch, num_classes=num_classes, weights=weights)
+        return TorchBackend(module, device=settings.device, **hooks)
+    if settings.backend == "onnxruntime":
+        from vision.backends.onnx_backend import OnnxRuntimeBackend
+
+        onnx_path = config.onnx or _exported_onnx(config, settings, card, num_classes, weights)
+        return OnnxRuntimeBackend(onnx_path, device=settings.device, threads=settings.threads, **hooks)
+    raise ConfigurationError(f"unknown backend {settings.backend!r}")
+
+
+def _exported_onnx(
+    config: ModelConfig, settings: ServeSettings, card: ModelCard, num_classes: int, weights: Path | None
+) -> Path:
+    """The model's ONNX export from the cache, exporting (and parity-checking) it on a miss."""
+    import tempfile
+
+    from vision.export import cache_key, export_onnx
+    from vision.models import create_model
+
+    if weights is None:
+        # Random weights differ on every start: never cache them.
+        path = Path(tempfile.mkdtemp(prefix="vision-onnx-")) / f"{config.arch}.onnx"
+    else:
+        path = settings.onnx_cache / f"{cache_key(config.arch, num_classes, card.weights_sha256, card.preset.crop_size)}.onnx"
+        if path.is_file():
+            return path
+    module = create_model(config.arch, num_classes=num_classes, weights=weights)
+    export_onnx(module, path, crop_size=card.preset.crop_size)
+    return path
 
 
 def load_repository(settings: ServeSettings) -> ModelRepository:

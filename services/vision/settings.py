@@ -33,8 +33,20 @@ class ModelConfig(BaseModel):
         None, description="'imagenet', or a label file (index<TAB>name per line, or ML-Images hierarchy)."
     )
     preset: str | None = Field(None, description="Preprocessing preset; default: the architecture's.")
+    onnx: Path | None = Field(
+        None, description="Pre-exported ONNX file for the onnxruntime backend; default: export (and cache) at start-up."
+    )
     num_classes: int | None = Field(None, ge=1, description="Head width; default: from labels or the arch.")
     task: Literal["classification", "multilabel"] | None = Field(None, description="Head type.")
+    hierarchy: str | None = Field(
+        None,
+        description="Tagging: label hierarchy; 'wordnet' (bundled, over ImageNet-1k), 'none', or an ML-Images "
+        "hierarchy file whose labels 0..N-1 are the N outputs; default: the label file's own hierarchy, or "
+        "wordnet for ImageNet labels.",
+    )
+    thresholds: Path | None = Field(
+        None, description="Tagging: per-label thresholds (calibration JSON, see docs/tagging.md); default 0.5."
+    )
 
     @property
     def served_name(self) -> str:
@@ -62,7 +74,13 @@ class ServeSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind gRPC and metrics on.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one.")
-    backend: Literal["torch"] = Field("torch", description="Inference engine for every model.")
+    backend: Literal["onnxruntime", "torch"] = Field(
+        "onnxruntime", description="Inference engine for every model (onnxruntime: fastest on CPU; torch: eager)."
+    )
+    onnx_cache: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "vision-serving" / "onnx",
+        description="Where start-up ONNX exports are cached, keyed by architecture, weights digest and versions.",
+    )
     device: str = Field("cpu", description="torch device for the torch backend: cpu, cuda, cuda:1...")
     threads: int = Field(_CPUS, ge=1, description="Intra-op threads of the inference engine.")
     models: list[ModelConfig] = Field(

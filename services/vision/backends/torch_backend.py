@@ -34,9 +34,11 @@ def torch_thread() -> concurrent.futures.ThreadPoolExecutor:
         return _torch_thread
 
 
-def run_on_torch_thread(fn: Callable[..., T], *args: object) -> T:
-    """Run `fn(*args)` on the torch thread and wait for it (start-up work: building, loading, warm-up)."""
-    return torch_thread().submit(fn, *args).result()
+def run_on_torch_thread(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """Run `fn(*args, **kwargs)` on the torch thread and wait (start-up work: building, loading, warm-up)."""
+    if threading.current_thread().name.startswith("torch"):
+        return fn(*args, **kwargs)  # already there; submitting would deadlock the single worker
+    return torch_thread().submit(fn, *args, **kwargs).result()
 
 
 class TorchBackend(InferenceBackend):

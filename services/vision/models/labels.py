@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vision.errors import ConfigurationError
 
+if TYPE_CHECKING:
+    from vision.vocab import LabelVocabulary
+
 IMAGENET = "imagenet"
+# WordNet 3.0 hypernyms over the ImageNet-1k classes, ML-Images hierarchy format: labels 0..999 are the
+# classes in model output order, 1000.. their ancestor concepts. Regenerate: scripts/gen_wordnet_hierarchy.py.
+WORDNET_HIERARCHY = Path(__file__).parent / "data" / "imagenet_wordnet_hierarchy.tsv"
 
 
 @lru_cache(maxsize=1)
@@ -18,9 +25,22 @@ def imagenet_names() -> tuple[str, ...]:
     return tuple(_IMAGENET_CATEGORIES)
 
 
-def resolve_labels(source: str) -> tuple[str, ...]:
+@lru_cache(maxsize=1)
+def imagenet_wordnet() -> "LabelVocabulary":
+    """The bundled ImageNet-1k WordNet hierarchy (1808 labels), loaded once per process."""
+    from vision.vocab import load_mlimages
+
+    return load_mlimages(WORDNET_HIERARCHY)
+
+
+def resolve_labels(source: str | None) -> tuple[str, ...]:
     """`imagenet`, or a label file: `index<TAB>name` lines (ML-Images dictionary), the ML-Images hierarchy
     format, or NUS-WIDE-style JSON. Names are indexed by output position."""
+    if not source:
+        raise ConfigurationError(
+            "no labels: this architecture has no default label set; give labels=FILE (index<TAB>name lines, "
+            "an ML-Images hierarchy, or NUS-WIDE-style JSON)"
+        )
     if source == IMAGENET:
         return imagenet_names()
     from vision.vocab import VocabularyError, load_vocabulary

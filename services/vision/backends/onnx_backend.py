@@ -1,0 +1,79 @@
+"""In-process ONNX Runtime backend: the fastest CPU engine here (1.6-10x eager torch), same batching."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from vision.backends.base import BatchingConfig, InferenceBackend, Outputs
+from vision.backends.batching import BatchStats, DynamicBatcher
+from vision.errors import ConfigurationError
+
+
+def _providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device.startswith("cuda"):
+        # TensorRT first where the build has it, CUDA next, CPU as the fallback for unsupported nodes.
+        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        chosen = [p for p in wanted if p in available]
+        if "CUDAExecutionProvider" not in chosen:
+            raise ConfigurationError(f"device {device!r} needs onnxruntime-gpu; this build has {available}")
+        return chosen
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend(InferenceBackend):
+    kind = "onnxruntime"
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        device: str = "cpu",
+        threads: int = 1,
+        batching: BatchingConfig = BatchingConfig(),
+        on_batch: Callable[[BatchStats], None] | None = None,
+        on_queue_depth: Callable[[int], None] | None = None,
+        name: str = "model",
+    ) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self._session = ort.InferenceSession(str(model_path), options, providers=_providers(device))
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise ConfigurationError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
+        self._input_name = self._session.get_inputs()[0].name
+        self.output_names = tuple(o.name for o in self._session.get_outputs())
+        self._batcher = DynamicBatcher(
+            self.forward,
+            max_batch_size=batching.max_batch_size,
+            max_wait_ms=batching.max_wait_ms,
+            max_queue_images=batching.max_queue_images,
+            on_batch=on_batch,
+            on_queue_depth=on_queue_depth,
+            name=name,
+        )
+
+    def forward(self, batch: np.ndarray) -> Outputs:
+        outputs = self._session.run(None, {self._input_name: batch})
+        return dict(zip(self.output_names, outputs, strict=True))
+
+    async def start(self) -> None:
+        self._batcher.start()
+
+    async def infer(self, batch: np.ndarray) -> Outputs:
+        return await self._batcher.submit(batch)
+
+    def is_ready(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        await self._batcher.close()
