@@ -2,6 +2,8 @@
 
     vision serve                         # embedded default: all services on 127.0.0.1:50051
     vision classify coffee.jpg --top-k 5 # client: classify images through a running server
+    vision tag coffee.jpg                # client: tag images (multi-label + hierarchy) through a running server
+    vision eval-tags DATASET             # client: multi-label metrics of the Tagging service on labelled images
     vision models                        # client: list served models
     vision loadtest --help               # closed-loop load generator and raw-model baseline
 """
@@ -41,7 +43,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="Serve a model (repeatable): an architecture name, or key=value pairs, e.g. "
         "'arch=resnet50,weights=/w/r50.pt,version=2,labels=/w/labels.txt,name=r50'. Keys: arch, name, version, "
-        "weights, labels, preset, num_classes, task. [env VISION_MODELS as a JSON list; default efficientnet_lite0]",
+        "weights, labels, preset, num_classes, task, hierarchy, thresholds (see docs/tagging.md). [env VISION_MODELS as a JSON list; default efficientnet_lite0]",
     )
 
 
@@ -120,31 +122,197 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tag_request(args: argparse.Namespace, images: Sequence[tuple[str, bytes]], *, scores_only: bool = False):  # noqa: ANN202
+    from vision.v1 import common_pb2, tagging_pb2
+
+    request = tagging_pb2.TagRequest(
+        model=common_pb2.ModelSelector(name=args.model or "", version=args.version or ""),
+        images=[common_pb2.Image(id=name, content=data) for name, data in images],
+    )
+    if scores_only:
+        request.threshold = 0.0  # every label with its score
+        return request
+    for field in ("threshold", "max_tags", "min_score"):
+        if getattr(args, field) is not None:
+            setattr(request, field, getattr(args, field))
+    return request
+
+
+def _tag(args: argparse.Namespace) -> int:
+    import grpc
+
+    from vision.v1 import tagging_pb2_grpc
+
+    request = _tag_request(args, _read_images(args.images))
+    with grpc.insecure_channel(args.target, options=[("grpc.max_send_message_length", 1 << 30)]) as channel:
+        try:
+            response = tagging_pb2_grpc.TaggingStub(channel).Tag(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            return _rpc_error(exc, args.target)
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps(MessageToDict(response), indent=2))
+        return 0
+    print(f"model {response.model.name} version {response.model.version}")
+    for result in response.results:
+        print(f"{result.image_id}: {len(result.tags)} tags")
+        for t in result.tags:
+            source = "hierarchy" if t.from_hierarchy else "model"
+            print(f"  {t.score:.4f}  {t.index:5d}  {t.wnid or '-':9}  {source:9}  {t.label}")
+    return 0
+
+
+EVAL_TAGS_HELP = """\
+DATASET is either
+  a folder with one subfolder per label, ROOT/<label>/<image>: an image's true labels are the folders it
+  appears in (identical files in several folders are one sample), or
+  a NUS-WIDE-style JSON file {"labels": [...], "samples": [{"image": PATH, "labels": [NAME or INDEX, ...]}]}
+  with image paths relative to the JSON file.
+Labels match tags by WordNet id (n02121808) or name (case-insensitive); tags outside the dataset's labels
+are ignored. Each batch is sent twice: once as given (--threshold/--min-score/--max-tags; unset = the
+model's own thresholds) for the predicted tags, once with threshold 0 for every label's score (AP/mAP).
+Metrics (vision.evaluation): per-label P/R/F1, CP/CR/CF1 over labels with positives, OP/OR/OF1, samples-F1, mAP.
+"""
+
+
+def _eval_tags(args: argparse.Namespace) -> int:
+    import grpc
+    import numpy as np
+
+    from vision.evaluation import evaluate
+    from vision.tag_eval import DatasetError, LabelMatcher, load_tag_dataset
+    from vision.v1 import tagging_pb2_grpc
+
+    try:
+        dataset = load_tag_dataset(args.dataset)
+    except DatasetError as exc:
+        print(f"vision eval-tags: {exc}", file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print("vision eval-tags: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    n, n_labels = len(dataset.samples), len(dataset.labels)
+    scores = np.zeros((n, n_labels), dtype=np.float64)
+    predicted = np.zeros((n, n_labels), dtype=bool)
+    matcher = LabelMatcher(dataset.labels)
+    model = None
+    with grpc.insecure_channel(args.target, options=[("grpc.max_send_message_length", 1 << 30)]) as channel:
+        stub = tagging_pb2_grpc.TaggingStub(channel)
+        for start in range(0, n, args.batch_size):
+            batch = dataset.samples[start : start + args.batch_size]
+            images = [(str(s.path), s.path.read_bytes()) for s in batch]
+            try:
+                decided = stub.Tag(_tag_request(args, images), timeout=args.timeout)
+                scored = stub.Tag(_tag_request(args, images, scores_only=True), timeout=args.timeout)
+            except grpc.RpcError as exc:
+                return _rpc_error(exc, args.target)
+            model = decided.model
+            for offset, (d, sc) in enumerate(zip(decided.results, scored.results, strict=True)):
+                matcher.fill(predicted[start + offset], d.tags, scores=False)
+                matcher.fill(scores[start + offset], sc.tags, scores=True)
+    for col in sorted(set(range(n_labels)) - matcher.seen):
+        print(f"vision eval-tags: warning: label {dataset.labels[col]!r} matches no tag of the model", file=sys.stderr)
+    report = evaluate(dataset.truth(), scores, y_pred=predicted, label_names=dataset.labels)
+    assert model is not None
+    if args.json:
+        print(json.dumps({"model": {"name": model.name, "version": model.version}, "dataset": dataset.source,
+                          **report.as_dict()}, indent=2))
+        return 0
+    print(f"model {model.name} version {model.version}; dataset {dataset.source}")
+    print(f"{report.n_samples} images, {report.n_labels} labels ({report.n_labels_evaluated} with positives)")
+    print(f"CP {report.CP:.4f}  CR {report.CR:.4f}  CF1 {report.CF1:.4f}")
+    print(f"OP {report.OP:.4f}  OR {report.OR:.4f}  OF1 {report.OF1:.4f}")
+    print(f"samples-F1 {report.samples_f1:.4f}  mAP {report.mAP:.4f}")
+    width = max(len(name) for name in dataset.labels)
+    print(f"  {'label':{width}}  support  predicted  TP  precision  recall  F1      AP")
+    for entry in report.as_dict()["per_label"]:
+        ap = "-" if entry["average_precision"] is None else f"{entry['average_precision']:.4f}"
+        print(
+            f"  {entry['name']:{width}}  {entry['support']:7d}  {entry['n_predicted']:9d}  {entry['true_positives']:2d}"
+            f"  {entry['precision']:9.4f}  {entry['recall']:6.4f}  {entry['f1']:.4f}  {ap}"
+        )
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     import grpc
 
-    from vision.v1 import classification_pb2_grpc, common_pb2
+    from vision.v1 import classification_pb2_grpc, common_pb2, tagging_pb2_grpc
 
+    served: dict[tuple[str, str], tuple[common_pb2.ModelInfo, list[str]]] = {}
     with grpc.insecure_channel(args.target) as channel:
-        try:
-            response = classification_pb2_grpc.ClassificationStub(channel).ListModels(
-                common_pb2.ListModelsRequest(), timeout=args.timeout
-            )
-        except grpc.RpcError as exc:
-            return _rpc_error(exc, args.target)
-    for m in response.models:
+        for service, stub in (
+            ("classification", classification_pb2_grpc.ClassificationStub(channel)),
+            ("tagging", tagging_pb2_grpc.TaggingStub(channel)),
+        ):
+            try:
+                response = stub.ListModels(common_pb2.ListModelsRequest(), timeout=args.timeout)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]  # older server
+                    continue
+                return _rpc_error(exc, args.target)
+            for m in response.models:
+                served.setdefault((m.name, m.version), (m, []))[1].append(service)
+    for m, services in served.values():
         p = m.preprocessing
+        tags = f" tag_labels={m.num_tag_labels}" if m.num_tag_labels else ""
         print(
-            f"{m.name}:{m.version}  arch={m.architecture} task={m.task} labels={m.num_labels} backend={m.backend} "
-            f"preset={p.preset}({p.resize_shorter}->{p.crop_size}) sha256={m.weights_sha256[:12] or '-'}"
+            f"{m.name}:{m.version}  arch={m.architecture} task={m.task} labels={m.num_labels}{tags} backend={m.backend} "
+            f"preset={p.preset}({p.resize_shorter}->{p.crop_size}) sha256={m.weights_sha256[:12] or '-'} "
+            f"services={','.join(services)}"
         )
     return 0
+
+
+def _export_triton(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from vision.errors import ConfigurationError
+    from vision.settings import ModelConfig
+    from vision.triton.export import export_to_triton
+
+    try:
+        config = ModelConfig.parse_spec(args.model)
+        if args.weights:
+            config = config.model_copy(update={"weights": args.weights})
+        if args.version:
+            config = config.model_copy(update={"version": args.version})
+        path = export_to_triton(
+            config,
+            args.repository,
+            flavour=args.flavour,
+            max_batch_size=args.max_batch_size,
+            preferred_batch_sizes=tuple(int(x) for x in args.preferred_batch_sizes.split(",") if x),
+            max_queue_delay_us=args.max_queue_delay_us,
+            instances=args.instances,
+            tensorrt=args.tensorrt,
+        )
+    except (ValidationError, ConfigurationError) as exc:
+        print(f"vision export-triton: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def _triton(argv: list[str]) -> int:
+    from vision.triton.runtime import main as triton_main
+
+    return int(triton_main(argv) or 0)
 
 
 def _loadtest(argv: list[str]) -> int:
     from loadtest.__main__ import main as loadtest_main
 
     return loadtest_main(argv)
+
+
+def _tag_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threshold", type=float, help="one threshold for every label, in [0, 1] (default: the model's)")
+    parser.add_argument("--max-tags", type=int, help="at most this many tags per image (default: no limit)")
+    parser.add_argument("--min-score", type=float, help="drop tags scoring below this, in [0, 1]")
+    parser.add_argument("--model", help="model name (default: the server's default tagging model)")
+    parser.add_argument("--version", help="model version (default: newest)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,9 +337,49 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--json", action="store_true", help="print the response as JSON")
     classify.set_defaults(func=_classify)
 
+    tag = client("tag", "tag images with a running server (multi-label, with a label hierarchy)")
+    tag.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, BMP, GIF)")
+    _tag_options(tag)
+    tag.add_argument("--json", action="store_true", help="print the response as JSON")
+    tag.set_defaults(func=_tag)
+
+    eval_tags = client("eval-tags", "multi-label metrics of a running server's Tagging service on labelled images")
+    eval_tags.formatter_class = argparse.RawDescriptionHelpFormatter
+    eval_tags.epilog = EVAL_TAGS_HELP
+    eval_tags.add_argument("dataset", type=Path, help="label folder or NUS-WIDE-style JSON (see below)")
+    _tag_options(eval_tags)
+    eval_tags.add_argument("--batch-size", type=int, default=16, help="images per request (default 16)")
+    eval_tags.add_argument("--json", action="store_true", help="print the report (with per-label metrics) as JSON")
+    eval_tags.set_defaults(func=_eval_tags)
+
     models = client("models", "list the models a running server serves")
     models.set_defaults(func=_models)
 
+    export = sub.add_parser(
+        "export-triton",
+        help="export a registry model to ONNX inside a Triton model repository",
+        description="Writes <repository>/<name>/config.pbtxt and <repository>/<name>/<version>/model.onnx "
+        "(ONNX opset 17, dynamic batch axis, input 'images' FP32 3xHxW, output 'logits').",
+    )
+    export.add_argument("--model", required=True, metavar="SPEC", help="architecture name or key=value spec, as `vision serve --model`")
+    export.add_argument("--repository", type=Path, required=True, help="Triton model repository directory")
+    export.add_argument("--weights", type=Path, help="weights file (default: bundled weights, if any)")
+    export.add_argument("--version", help="integer version folder (default 1)")
+    export.add_argument(
+        "--flavour",
+        choices=["cpu-python", "gpu-onnxruntime"],
+        default="cpu-python",
+        help="gpu-onnxruntime: Triton's onnxruntime backend on KIND_GPU (production); cpu-python: the python "
+        "backend running the same ONNX file with onnxruntime on KIND_CPU (what the local Triton here can run)",
+    )
+    export.add_argument("--max-batch-size", type=int, default=16)
+    export.add_argument("--preferred-batch-sizes", default="4,8,16", help="dynamic_batching preferred sizes")
+    export.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic_batching max queue delay")
+    export.add_argument("--instances", type=int, default=1, help="instance_group count")
+    export.add_argument("--tensorrt", action="store_true", help="gpu flavour: add the TensorRT accelerator (FP16)")
+    export.set_defaults(func=_export_triton)
+
+    sub.add_parser("triton", help="run the local Triton server; `vision triton --help`", add_help=False)
     sub.add_parser("loadtest", help="load generator; `vision loadtest --help` for its options", add_help=False)
     return parser
 
@@ -180,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["loadtest"]:
         return _loadtest(argv[1:])
+    if argv[:1] == ["triton"]:
+        return _triton(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

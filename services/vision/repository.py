@@ -18,7 +18,7 @@ import numpy as np
 from vision import metrics
 from vision.backends import BatchingConfig, InferenceBackend, Outputs
 from vision.backends.batching import BatchStats
-from vision.errors import ConfigurationError, FailedPrecondition, NotFound
+from vision.errors import ConfigurationError, NotFound
 from vision.imaging import Preset, get_preset
 from vision.settings import ModelConfig, ServeSettings
 
@@ -59,8 +59,8 @@ class ServedModel:
         self.backend = backend
 
     async def infer(self, batch: np.ndarray) -> Outputs:
-        if not self.backend.is_ready():
-            raise FailedPrecondition(f"model {self.card.name!r} version {self.card.version!r} is not ready yet")
+        # No readiness pre-check: a remote backend may have recovered since its last health probe, and when
+        # it has not, its own error says why (UNAVAILABLE: unreachable; FAILED_PRECONDITION: not loaded).
         return await self.backend.infer(batch)
 
 
@@ -194,6 +194,21 @@ def _build_backend(
 
         onnx_path = config.onnx or _exported_onnx(config, settings, card, num_classes, weights)
         return OnnxRuntimeBackend(onnx_path, device=settings.device, threads=settings.threads, **hooks)
+    if settings.backend == "triton":
+        from vision.backends.triton_backend import TritonBackend
+
+        if not config.version.isdigit():
+            raise ConfigurationError(
+                f"model {card.name!r}: Triton versions are integers (the repository's version folder), got {config.version!r}"
+            )
+        return TritonBackend(
+            settings.triton_url,
+            config.triton_model or card.name,
+            config.version,
+            timeout_s=settings.triton_timeout_s,
+            retries=settings.triton_retries,
+            on_batch=on_batch,
+        )
     raise ConfigurationError(f"unknown backend {settings.backend!r}")
 
 

@@ -23,8 +23,9 @@ from vision.imaging import DecodeLimits
 from vision.metrics import serve_metrics
 from vision.repository import ModelRepository, load_repository
 from vision.servicers.classification import SERVICE as CLASSIFICATION, ClassificationServicer
+from vision.servicers.tagging import SERVICE as TAGGING, TaggingServicer
 from vision.settings import ServeSettings
-from vision.v1 import classification_pb2, classification_pb2_grpc
+from vision.v1 import classification_pb2, classification_pb2_grpc, tagging_pb2, tagging_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,28 @@ def _grpc_options(settings: ServeSettings) -> list[tuple[str, int]]:
     ]
 
 
+async def _update_health(
+    health: health_aio.HealthServicer, repository: ModelRepository, service_names: list[str], current: int | None
+) -> int:
+    wanted = health_pb2.HealthCheckResponse.SERVING if repository.ready() else health_pb2.HealthCheckResponse.NOT_SERVING
+    if wanted != current:
+        for name in ["", *service_names]:
+            await health.set(name, wanted)
+        if current is not None:
+            log.warning("health is now %s", health_pb2.HealthCheckResponse.ServingStatus.Name(wanted))
+    return wanted
+
+
+async def _track_health(
+    health: health_aio.HealthServicer, repository: ModelRepository, service_names: list[str], status: int,
+    interval_s: float = 0.5,
+) -> None:
+    """SERVING while every model's backend is ready (a remote Triton can go away and come back)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        status = await _update_health(health, repository, service_names, status)
+
+
 async def serve(
     settings: ServeSettings,
     *,
@@ -66,12 +89,14 @@ async def serve(
     )
     server = grpc.aio.server(options=_grpc_options(settings))
     classification_pb2_grpc.add_ClassificationServicer_to_server(ClassificationServicer(dataplane), server)
+    tagging_pb2_grpc.add_TaggingServicer_to_server(TaggingServicer(dataplane), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    service_names = [CLASSIFICATION]
+    service_names = [CLASSIFICATION, TAGGING]
     reflection.enable_server_reflection(
         [
             classification_pb2.DESCRIPTOR.services_by_name["Classification"].full_name,
+            tagging_pb2.DESCRIPTOR.services_by_name["Tagging"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ],
@@ -82,8 +107,8 @@ async def serve(
         raise OSError(f"cannot bind gRPC on {_hostport(settings.host, settings.port)} (in use?)")
     metrics_httpd, metrics_port = serve_metrics(settings.host, settings.metrics_port)
     await server.start()
-    for name in ["", *service_names]:
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    status = await _update_health(health, repository, service_names, None)
+    health_task = asyncio.get_running_loop().create_task(_track_health(health, repository, service_names, status))
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -99,6 +124,7 @@ async def serve(
         await stop.wait()
     finally:
         log.info("shutting down: draining in-flight RPCs for up to %.1fs", settings.grace_seconds)
+        health_task.cancel()
         await health.enter_graceful_shutdown()
         await server.stop(settings.grace_seconds)
         await repository.close()

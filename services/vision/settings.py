@@ -33,6 +33,7 @@ class ModelConfig(BaseModel):
         None, description="'imagenet', or a label file (index<TAB>name per line, or ML-Images hierarchy)."
     )
     preset: str | None = Field(None, description="Preprocessing preset; default: the architecture's.")
+    triton_model: str | None = Field(None, description="Model name in Triton's repository; default: name.")
     onnx: Path | None = Field(
         None, description="Pre-exported ONNX file for the onnxruntime backend; default: export (and cache) at start-up."
     )
@@ -74,9 +75,13 @@ class ServeSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind gRPC and metrics on.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one.")
-    backend: Literal["onnxruntime", "torch"] = Field(
-        "onnxruntime", description="Inference engine for every model (onnxruntime: fastest on CPU; torch: eager)."
+    backend: Literal["onnxruntime", "torch", "triton"] = Field(
+        "onnxruntime",
+        description="Inference engine for every model (onnxruntime: fastest on CPU; torch: eager; triton: remote).",
     )
+    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC address for --backend triton.")
+    triton_timeout_s: float = Field(10.0, gt=0, description="Per-attempt timeout of a Triton inference call.")
+    triton_retries: int = Field(3, ge=0, le=10, description="Retries of an UNAVAILABLE Triton call (with backoff).")
     onnx_cache: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "vision-serving" / "onnx",
         description="Where start-up ONNX exports are cached, keyed by architecture, weights digest and versions.",

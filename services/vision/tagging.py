@@ -15,11 +15,11 @@ turns a batch of logits into tags. Two scoring modes, chosen by the model's head
     at or below it (`vocab.propagate_sum`): the probability that the image shows *some kind of* that concept,
     so an ancestor never scores below a child. A concept is tagged when its score ≥ its threshold. Concepts
     that contain every model output (WordNet's root ``entity``) score 1 whatever the image and are never
-    returned. Tags are ordered **most specific first**, branch by branch: the most confident of the most
-    specific tags (those with no tagged label below them) comes first, followed by its tagged ancestors
-    from the parent up, then the next most specific tag and its ancestors not yet listed, and so on. Every
-    tag therefore precedes its ancestors; with the default threshold 0.5 the tags form one chain, listed
-    from the leaf to the root.
+    returned. Tags are ordered **most specific first**: every tag precedes its ancestors, and the next
+    tag is always the highest-scoring one whose tagged descendants are all listed already. So sibling
+    classes come before their parent (tabby, Egyptian cat, tiger cat, domestic cat, cat, ...), and a branch
+    is followed upwards while it stays the most confident. With the default threshold 0.5 the tags form
+    one chain, listed from the leaf to the root.
 
 Both modes:
 
@@ -33,6 +33,7 @@ Both modes:
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import math
@@ -296,20 +297,32 @@ class Tagger:
         return rows
 
     def _most_specific_first(self, tagged: list[int], scores: np.ndarray) -> list[int]:
-        """Leaf-to-root walks: most specific tags by score, each followed by its not-yet-listed tagged ancestors."""
+        """Children before parents; among the tags whose tagged descendants are all listed, highest score next.
+
+        Kahn's topological sort over the tagged labels (each linked to its nearest tagged ancestor) with a
+        max-heap on score: siblings come before their parent, and a branch is followed upwards while its
+        next concept is the most confident one available.
+        """
         members = set(tagged)
-        has_tagged_below: set[int] = set()
+        parent_of: dict[int, int | None] = {}
+        waiting = dict.fromkeys(tagged, 0)  # tagged children not yet listed
         for index in tagged:
-            has_tagged_below.update(a for a in self.vocabulary.ancestors(index) if a in members)
-        frontier = [i for i in tagged if i not in has_tagged_below]
-        frontier.sort(key=lambda i: (-scores[i], -self._depth[i], i))
+            parent = next((a for a in self.vocabulary.ancestors(index) if a in members), None)
+            parent_of[index] = parent
+            if parent is not None:
+                waiting[parent] += 1
+        key = lambda i: (-float(scores[i]), -int(self._depth[i]), i)  # noqa: E731
+        ready = [key(i) for i in tagged if waiting[i] == 0]
+        heapq.heapify(ready)
         order: list[int] = []
-        listed: set[int] = set()
-        for start in frontier:
-            for index in (start, *self.vocabulary.ancestors(start)):
-                if index in members and index not in listed:
-                    listed.add(index)
-                    order.append(index)
+        while ready:
+            index = heapq.heappop(ready)[2]
+            order.append(index)
+            parent = parent_of[index]
+            if parent is not None:
+                waiting[parent] -= 1
+                if waiting[parent] == 0:
+                    heapq.heappush(ready, key(parent))
         return order
 
 

@@ -15,10 +15,14 @@ import concurrent.futures
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vision.errors import ResourceExhausted, Unavailable
+
+if TYPE_CHECKING:
+    from vision.backends.base import BatchingConfig
 
 Outputs = dict[str, np.ndarray]
 RunBatch = Callable[[np.ndarray], Outputs]
@@ -215,3 +219,41 @@ def _resolve(future: asyncio.Future[Outputs], result: Outputs | None = None, exc
     else:
         assert result is not None
         future.set_result(result)
+
+
+class LocalBatchedBackend:
+    """Mixin for in-process engines: the subclass implements `forward`; queueing, batching and the
+    InferenceBackend lifecycle come from here, identical for every local engine."""
+
+    def _init_batching(
+        self,
+        forward: RunBatch,
+        *,
+        batching: "BatchingConfig",
+        on_batch: Callable[[BatchStats], None] | None,
+        on_queue_depth: Callable[[int], None] | None,
+        name: str,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
+        self._batcher = DynamicBatcher(
+            forward,
+            max_batch_size=batching.max_batch_size,
+            max_wait_ms=batching.max_wait_ms,
+            max_queue_images=batching.max_queue_images,
+            on_batch=on_batch,
+            on_queue_depth=on_queue_depth,
+            name=name,
+            executor=executor,
+        )
+
+    async def start(self) -> None:
+        self._batcher.start()
+
+    async def infer(self, batch: np.ndarray) -> Outputs:
+        return await self._batcher.submit(batch)
+
+    def is_ready(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        await self._batcher.close()

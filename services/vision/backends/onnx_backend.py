@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from vision.backends.base import BatchingConfig, InferenceBackend, Outputs
-from vision.backends.batching import BatchStats, DynamicBatcher
+from vision.backends.batching import BatchStats, LocalBatchedBackend
 from vision.errors import ConfigurationError
 
 
@@ -26,7 +26,7 @@ def _providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-class OnnxRuntimeBackend(InferenceBackend):
+class OnnxRuntimeBackend(LocalBatchedBackend, InferenceBackend):
     kind = "onnxruntime"
 
     def __init__(
@@ -52,28 +52,11 @@ class OnnxRuntimeBackend(InferenceBackend):
             raise ConfigurationError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
         self._input_name = self._session.get_inputs()[0].name
         self.output_names = tuple(o.name for o in self._session.get_outputs())
-        self._batcher = DynamicBatcher(
-            self.forward,
-            max_batch_size=batching.max_batch_size,
-            max_wait_ms=batching.max_wait_ms,
-            max_queue_images=batching.max_queue_images,
-            on_batch=on_batch,
-            on_queue_depth=on_queue_depth,
-            name=name,
+        self._init_batching(
+            self.forward, batching=batching, on_batch=on_batch, on_queue_depth=on_queue_depth, name=name
         )
 
     def forward(self, batch: np.ndarray) -> Outputs:
         outputs = self._session.run(None, {self._input_name: batch})
         return dict(zip(self.output_names, outputs, strict=True))
 
-    async def start(self) -> None:
-        self._batcher.start()
-
-    async def infer(self, batch: np.ndarray) -> Outputs:
-        return await self._batcher.submit(batch)
-
-    def is_ready(self) -> bool:
-        return True
-
-    async def close(self) -> None:
-        await self._batcher.close()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vision.backends.base import LOGITS, BatchingConfig, InferenceBackend, Outputs
-from vision.backends.batching import BatchStats, DynamicBatcher
+from vision.backends.batching import BatchStats, LocalBatchedBackend
 
 T = TypeVar("T")
 _torch_thread: concurrent.futures.ThreadPoolExecutor | None = None
@@ -41,7 +41,7 @@ def run_on_torch_thread(fn: Callable[..., T], *args: object, **kwargs: object) -
     return torch_thread().submit(fn, *args, **kwargs).result()
 
 
-class TorchBackend(InferenceBackend):
+class TorchBackend(LocalBatchedBackend, InferenceBackend):
     kind = "torch"
 
     def __init__(
@@ -59,15 +59,8 @@ class TorchBackend(InferenceBackend):
         # channels_last lets oneDNN/cuDNN pick faster convolution kernels (about 1.2-4x on these CPUs).
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._module = module.eval().to(self._device, memory_format=self._memory_format)
-        self._batcher = DynamicBatcher(
-            self.forward,
-            max_batch_size=batching.max_batch_size,
-            max_wait_ms=batching.max_wait_ms,
-            max_queue_images=batching.max_queue_images,
-            on_batch=on_batch,
-            on_queue_depth=on_queue_depth,
-            name=name,
-            executor=torch_thread(),
+        self._init_batching(
+            self.forward, batching=batching, on_batch=on_batch, on_queue_depth=on_queue_depth, name=name, executor=torch_thread()
         )
 
     def forward(self, batch: np.ndarray) -> Outputs:
@@ -77,14 +70,3 @@ class TorchBackend(InferenceBackend):
             out = self._module(x)
         return {LOGITS: out.float().cpu().numpy()}
 
-    async def start(self) -> None:
-        self._batcher.start()
-
-    async def infer(self, batch: np.ndarray) -> Outputs:
-        return await self._batcher.submit(batch)
-
-    def is_ready(self) -> bool:
-        return True
-
-    async def close(self) -> None:
-        await self._batcher.close()

@@ -19,6 +19,7 @@ def model_info(card: ModelCard, *, full: bool = False) -> common_pb2.ModelInfo:
         info.backend = card.backend
         info.weights_sha256 = card.weights_sha256
         info.task = card.task
+        info.num_tag_labels = len(card.tagger) if card.tagger is not None else 0
         info.preprocessing.CopyFrom(
             common_pb2.Preprocessing(
                 preset=preset.name,

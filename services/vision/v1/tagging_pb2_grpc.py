@@ -62,8 +62,9 @@ class TaggingServicer:
         descendants. Tags are sorted by score, highest first (ties: more specific first).
         "classification" softmax over the classes; a hierarchy concept scores the summed probability of the
         classes below it (the image shows some kind of it). Tags are listed most specific
-        first: each tag precedes its ancestors, branches ordered by the score of their most
-        specific tag. The root, which contains every class, is never returned.
+        first: each tag precedes its ancestors, and the next tag is the highest-scoring one
+        whose tagged descendants are all listed. The root, which contains every class, is
+        never returned.
         Either way an ancestor never scores below a tagged child.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

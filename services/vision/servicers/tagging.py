@@ -1,0 +1,48 @@
+"""vision.v1.Tagging: multi-label tags with per-label thresholds and a label hierarchy (see vision.tagging)."""
+
+from __future__ import annotations
+
+import grpc
+
+from vision.backends import LOGITS
+from vision.dataplane import DataPlane
+from vision.repository import TAGGING
+from vision.rpc import rpc_method
+from vision.servicers.common import encoded_images, list_models_response, model_info
+from vision.tagging import TagOptions
+from vision.v1 import common_pb2, tagging_pb2, tagging_pb2_grpc
+
+SERVICE = "vision.v1.Tagging"
+TASK = TAGGING
+
+
+class TaggingServicer(tagging_pb2_grpc.TaggingServicer):
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._dataplane = dataplane
+
+    @rpc_method(SERVICE, "Tag")
+    async def Tag(self, request: tagging_pb2.TagRequest, context: grpc.aio.ServicerContext) -> tagging_pb2.TagResponse:
+        model = self._dataplane.repository.get(request.model.name, request.model.version, task=TASK)
+        options = TagOptions(
+            threshold=request.threshold if request.HasField("threshold") else None,
+            max_tags=request.max_tags if request.HasField("max_tags") else None,
+            min_score=request.min_score if request.HasField("min_score") else None,
+        )
+        images = encoded_images(request.images)
+        model, outputs = await self._dataplane.run(model.card.name, model.card.version, TASK, images, SERVICE)
+        assert model.card.tagger is not None  # the repository only returns models that can tag
+        rows = model.card.tagger.tag(outputs[LOGITS], options)
+        response = tagging_pb2.TagResponse(model=model_info(model.card))
+        for image, tags in zip(images, rows, strict=True):
+            result = response.results.add(image_id=image.id)
+            for t in tags:
+                result.tags.add(
+                    index=t.index, label=t.label, wnid=t.wnid, score=t.score, from_hierarchy=t.from_hierarchy, depth=t.depth
+                )
+        return response
+
+    @rpc_method(SERVICE, "ListModels")
+    async def ListModels(
+        self, request: common_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ListModelsResponse:
+        return list_models_response(self._dataplane.repository.list(TASK))

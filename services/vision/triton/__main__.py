@@ -1,0 +1,7 @@
+"""`python -m vision.triton --help` (the same as `vision triton`)."""
+
+import sys
+
+from vision.triton.runtime import main
+
+sys.exit(main())

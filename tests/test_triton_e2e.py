@@ -1,0 +1,162 @@
+"""The Classification service with inference on a real Triton server (nvidia-pytriton's tritonserver 2.51).
+
+EfficientNet-Lite0 is exported with `vision export-triton` (cpu-python flavour: Triton's python backend
+running the ONNX file with onnxruntime), Triton is started on loopback, and `vision serve --backend triton`
+is started against it. Faults: Triton stopped and started again under the running service.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import ServerProcess, classify_request, photo
+from vision.imaging import PRESETS, preprocess
+from vision.v1 import classification_pb2_grpc, common_pb2
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tritonserver binary is Linux-only")
+
+MODEL = "efficientnet_lite0"
+
+
+@pytest.fixture(scope="module")
+def triton_stack(tmp_path_factory):
+    from vision.triton.runtime import TritonProcess, setup_runtime
+
+    root = tmp_path_factory.mktemp("triton-e2e")
+    runtime = setup_runtime()
+    repository = root / "model_repository"
+    repository.mkdir()
+    export = subprocess.run(
+        [sys.executable, "-m", "vision.cli", "export-triton", "--model", MODEL, "--repository", str(repository),
+         "--max-batch-size", "16", "--preferred-batch-sizes", "4,8,16", "--max-queue-delay-us", "5000"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert export.returncode == 0, export.stderr
+    assert (repository / MODEL / "config.pbtxt").is_file() and (repository / MODEL / "1" / "model.onnx").is_file()
+    triton = TritonProcess(repository, runtime=runtime, log_path=root / "triton.log").start()
+    service = ServerProcess(
+        ["--backend", "triton", "--triton-url", triton.grpc_address, "--triton-timeout-s", "5"], root / "serve.log"
+    ).wait_ready()
+    stack = {"triton": triton, "service": service, "repository": repository, "runtime": runtime, "root": root}
+    yield stack
+    service.stop()
+    stack["triton"].stop()  # the outage test replaces the process with a restarted one
+
+
+def _stub(address: str) -> classification_pb2_grpc.ClassificationStub:
+    return classification_pb2_grpc.ClassificationStub(grpc.insecure_channel(address))
+
+
+def _health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="vision.v1.Classification"), timeout=5
+        ).status
+
+
+def _stats(triton) -> dict:
+    with urllib.request.urlopen(f"{triton.http_url}/v2/models/{MODEL}/stats", timeout=10) as resp:
+        return json.loads(resp.read())["model_stats"][0]
+
+
+def test_classification_through_triton(triton_stack, photos):
+    stub = _stub(triton_stack["service"].address)
+    response = stub.Classify(classify_request(photos["coffee.jpg"], photos["chelsea.png"], top_k=3), timeout=60)
+    assert (response.model.name, response.model.version) == (MODEL, "1")
+    assert response.results[0].predictions[0].index == 967
+    assert response.results[1].predictions[0].index in range(281, 286)
+    (info,) = stub.ListModels(common_pb2.ListModelsRequest(), timeout=10).models
+    assert info.backend == "triton"
+
+
+def test_triton_logits_equal_in_process_logits(triton_stack):
+    import onnxruntime as ort
+    import tritonclient.grpc as triton_grpc
+
+    from vision.backends.torch_backend import TorchBackend, run_on_torch_thread
+    from vision.models import create_model
+
+    preset = PRESETS["torchvision"]
+    batch = np.stack([preprocess(photo(n), preset) for n in ("coffee.png", "chelsea.png", "rocket.jpg")])
+    client = triton_grpc.InferenceServerClient(triton_stack["triton"].grpc_address)
+    inp = triton_grpc.InferInput("images", list(batch.shape), "FP32")
+    inp.set_data_from_numpy(batch)
+    result = client.infer(MODEL, [inp], model_version="1", outputs=[triton_grpc.InferRequestedOutput("logits")])
+    remote = result.as_numpy("logits")
+    assert result.get_response().model_version == "1"
+    session = ort.InferenceSession(str(triton_stack["repository"] / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    local = session.run(["logits"], {"images": batch})[0]
+    eager = run_on_torch_thread(lambda: TorchBackend(create_model(MODEL)).forward(batch))["logits"]
+    assert np.abs(remote - local).max() <= 1e-4
+    assert np.abs(remote - eager).max() <= 1e-4
+    assert remote[0].argmax() == 967 and remote[2].argmax() == 657
+
+
+def test_concurrent_requests_reach_triton_as_batches(triton_stack, photos):
+    before = _stats(triton_stack["triton"])
+    stub = _stub(triton_stack["service"].address)
+    clients = 16
+    barrier = threading.Barrier(clients)
+    tops: list[int] = []
+
+    def client() -> None:
+        barrier.wait()
+        for _ in range(2):
+            tops.append(stub.Classify(classify_request(photos["coffee.jpg"], top_k=1), timeout=60).results[0].predictions[0].index)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert tops == [967] * clients * 2
+    after = _stats(triton_stack["triton"])
+    inferences = int(after["inference_count"]) - int(before["inference_count"])
+    executions = int(after["execution_count"]) - int(before["execution_count"])
+    assert inferences == clients * 2
+    assert executions < inferences, f"Triton ran {inferences} images in {executions} executions: no batching"
+
+
+def test_triton_outage_gives_unavailable_then_recovers_without_restart(triton_stack, photos):
+    from vision.triton.runtime import TritonProcess
+
+    service, triton = triton_stack["service"], triton_stack["triton"]
+    stub = _stub(service.address)
+    assert _health(service.address) == health_pb2.HealthCheckResponse.SERVING
+    ports = (triton.grpc_port, triton.http_port, triton.metrics_port)
+    triton.stop()
+
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Classify(classify_request(photos["coffee.jpg"]), timeout=20)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+    assert "Triton" in info.value.details()
+    assert time.monotonic() - started < 15, "the failure took longer than the per-attempt timeout and retries allow"
+    deadline = time.monotonic() + 15
+    while _health(service.address) != health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert time.monotonic() < deadline, "health never reported NOT_SERVING"
+        time.sleep(0.2)
+
+    restarted = TritonProcess(
+        triton_stack["repository"], runtime=triton_stack["runtime"], grpc_port=ports[0], http_port=ports[1],
+        metrics_port=ports[2], log_path=triton_stack["root"] / "triton-restarted.log",
+    ).start()
+    triton_stack["triton"] = restarted
+    back = time.monotonic()
+    deadline = back + 30
+    while _health(service.address) != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, "service did not notice Triton came back"
+        time.sleep(0.2)
+    response = stub.Classify(classify_request(photos["coffee.jpg"]), timeout=30)
+    assert response.results[0].predictions[0].index == 967
+    print(f"recovered {time.monotonic() - back:.1f} s after Triton was ready again")
