@@ -1,0 +1,194 @@
+"""Pieces shared by the load-test CLIs: closed-loop gRPC clients, the raw baseline, a spawned server."""
+
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from vision.v1 import classification_pb2, classification_pb2_grpc, common_pb2
+
+
+@dataclass
+class RunResult:
+    mode: str
+    concurrency: int
+    images_per_second: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    requests: int
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def _percentiles(latencies: list[float]) -> tuple[float, float, float]:
+    if not latencies:
+        return (float("nan"),) * 3
+    arr = np.asarray(latencies) * 1000
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return float(p50), float(p90), float(p99)
+
+
+async def service_run(target: str, image: bytes, concurrency: int, duration: float, warmup: float, images_per_request: int, model: str) -> RunResult:
+    request = classification_pb2.ClassifyRequest(
+        model=common_pb2.ModelSelector(name=model),
+        images=[common_pb2.Image(id=str(i), content=image) for i in range(images_per_request)],
+        top_k=5,
+    )
+    options = [("grpc.max_send_message_length", 1 << 30)]
+    # A few channels, so client-side HTTP/2 framing is not a single serial bottleneck.
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(min(4, concurrency))]
+    stubs = [classification_pb2_grpc.ClassificationStub(ch) for ch in channels]
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    start = time.perf_counter()
+    measure_from = start + warmup
+    stop_at = measure_from + duration
+
+    async def client(i: int) -> None:
+        stub = stubs[i % len(stubs)]
+        while (now := time.perf_counter()) < stop_at:
+            try:
+                await stub.Classify(request, timeout=60)
+                ok = True
+            except grpc.aio.AioRpcError as exc:
+                ok = False
+                if now >= measure_from:
+                    errors[exc.code().name] += 1
+            if now >= measure_from and ok:
+                latencies.append(time.perf_counter() - now)
+
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    for ch in channels:
+        await ch.close()
+    p50, p90, p99 = _percentiles(latencies)
+    return RunResult("service", concurrency, len(latencies) * images_per_request / duration, p50, p90, p99, len(latencies), dict(errors))
+
+
+def raw_model(target: str, model_name: str, weights: Path | None, threads: int):
+    """The served model rebuilt in-process through the same loading code, engine, weights and preset."""
+    from vision.backends.torch_backend import run_on_torch_thread
+    from vision.repository import load_model
+    from vision.settings import ModelConfig, ServeSettings
+
+    with grpc.insecure_channel(target) as channel:
+        infos = classification_pb2_grpc.ClassificationStub(channel).ListModels(common_pb2.ListModelsRequest(), timeout=30).models
+    info = next((m for m in infos if m.name == model_name), infos[0]) if model_name else infos[0]
+    settings = ServeSettings(
+        backend=info.backend,
+        threads=threads,
+        models=[ModelConfig(arch=info.architecture, num_classes=info.num_labels, weights=weights, preset=info.preprocessing.preset)],
+    )
+
+    def load():  # noqa: ANN202
+        import torch
+
+        torch.set_num_threads(threads)
+        return load_model(settings.models[0], settings)
+
+    served = run_on_torch_thread(load)
+    forward = served.backend.forward
+    if info.backend == "torch":
+        # torch must run on the thread that built it (see vision.backends.torch_backend).
+        return (lambda batch: run_on_torch_thread(forward, batch)), served.card.preset, info
+    return forward, served.card.preset, info
+
+
+def raw_run(forward, preset, image: bytes, batch_size: int, duration: float, warmup: float) -> RunResult:
+    from vision.imaging import load_image
+
+    latencies: list[float] = []
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + duration
+    while (now := time.perf_counter()) < stop_at:
+        batch = np.stack([load_image(image, preset) for _ in range(batch_size)])
+        forward(batch)
+        if now >= measure_from:
+            latencies.append(time.perf_counter() - now)
+    p50, p90, p99 = _percentiles(latencies)
+    return RunResult(f"raw-b{batch_size}", batch_size, len(latencies) * batch_size / duration, p50, p90, p99, len(latencies))
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        match = re.search(r"VmRSS:\s+(\d+) kB", fh.read())
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+class SpawnedServer:
+    def __init__(self, serve_args: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vision.cli", "serve", "--port", "0", "--metrics-port", "0", *serve_args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        self.target = ""
+        self.metrics_url = ""
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if m := re.search(rb"gRPC listening on (\S+)", line):
+                self.target = m.group(1).decode()
+            if m := re.search(rb"metrics at (\S+)", line):
+                self.metrics_url = m.group(1).decode()
+                break
+        if not self.target:
+            raise SystemExit(f"server failed to start (exit {self.proc.wait()})")
+        self.rss_samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def _sample(self) -> None:
+        t0 = time.perf_counter()
+        while not self._stop.wait(5.0):
+            self.rss_samples.append((time.perf_counter() - t0, rss_mib(self.proc.pid)))
+
+    def close(self) -> None:
+        self._stop.set()
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+
+
+def scrape_sums(metrics_url: str) -> dict[tuple[str, str], float]:
+    """(metric, label-string) → value for the histogram _sum/_count series the breakdown needs."""
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:  # loopback only
+        text = resp.read().decode()
+    values: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        if line.startswith(("vision_stage_duration_seconds_", "vision_request_duration_seconds_", "vision_inference_batch_size_")):
+            series, _, value = line.rpartition(" ")
+            name, _, labels = series.partition("{")
+            if name.endswith(("_sum", "_count")):
+                values[(name, labels)] = values.get((name, labels), 0.0) + float(value)
+    return values
+
+
+def stage_breakdown(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]) -> dict[str, float]:
+    """Mean milliseconds per stage between two scrapes (decode/preprocess per image, queue/inference per
+    batch, request = server-side RPC time) and the mean batch size."""
+    def delta(name: str, needle: str) -> float:
+        return sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] == name and needle in k[1])
+
+    out: dict[str, float] = {}
+    for stage in ("decode", "preprocess", "queue", "inference"):
+        n = delta("vision_stage_duration_seconds_count", f'stage="{stage}"')
+        out[stage] = 1000 * delta("vision_stage_duration_seconds_sum", f'stage="{stage}"') / n if n else float("nan")
+    n = delta("vision_request_duration_seconds_count", 'method="Classify"')
+    out["server_request"] = 1000 * delta("vision_request_duration_seconds_sum", 'method="Classify"') / n if n else float("nan")
+    n = delta("vision_inference_batch_size_count", "")
+    out["mean_batch"] = delta("vision_inference_batch_size_sum", "") / n if n else float("nan")
+    return out
