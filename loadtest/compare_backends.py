@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--backends", default="torch,onnxruntime,triton")
+    parser.add_argument("--backends", default="torch,onnxruntime,triton,triton-shm")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -59,22 +59,13 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"label": label, **asdict(r), "stages": stages})
             print(rows[-1], flush=True)
 
-    for backend in args.backends.split(","):
-        if backend == "triton":
-            from vision.triton.runtime import TritonProcess, setup_runtime
+    def triton_batch(triton, before: dict) -> float:
+        after = triton.model_stats("efficientnet_lite0")
+        runs = int(after["execution_count"]) - int(before["execution_count"])
+        return (int(after["inference_count"]) - int(before["inference_count"])) / runs if runs else float("nan")
 
-            with tempfile.TemporaryDirectory(prefix="bench-triton-") as tmp:
-                repo = Path(tmp) / "repo"
-                repo.mkdir()
-                subprocess.run([sys.executable, "-m", "vision.cli", "export-triton", "--model", "efficientnet_lite0",
-                                "--repository", str(repo)], check=True, capture_output=True)
-                with TritonProcess(repo, runtime=setup_runtime(), log_path=Path(tmp) / "triton.log") as triton:
-                    server = SpawnedServer(["--backend", "triton", "--triton-url", triton.grpc_address])
-                    try:
-                        drive("service → Triton", server)
-                    finally:
-                        server.close()
-            continue
+    backends = args.backends.split(",")
+    for backend in [b for b in backends if not b.startswith("triton")]:
         server = SpawnedServer(["--backend", backend, "--threads", str(args.threads)])
         try:
             if backend == "onnxruntime":
@@ -88,6 +79,25 @@ def main(argv: list[str] | None = None) -> int:
             drive(f"service → {backend}", server)
         finally:
             server.close()
+    triton_modes = [b for b in backends if b.startswith("triton")]
+    if triton_modes:
+        from vision.triton.runtime import TritonProcess, setup_runtime
+
+        with tempfile.TemporaryDirectory(prefix="bench-triton-") as tmp:
+            repo = Path(tmp) / "repo"
+            repo.mkdir()
+            subprocess.run([sys.executable, "-m", "vision.cli", "export-triton", "--model", "efficientnet_lite0",
+                            "--repository", str(repo)], check=True, capture_output=True)
+            with TritonProcess(repo, runtime=setup_runtime(), log_path=Path(tmp) / "triton.log") as triton:
+                for mode in triton_modes:
+                    extra = ["--triton-shm-mb", "16"] if mode == "triton-shm" else []
+                    server = SpawnedServer(["--backend", "triton", "--triton-url", triton.grpc_address, *extra])
+                    try:
+                        before = triton.model_stats("efficientnet_lite0")
+                        drive(f"service → Triton{' (shm)' if extra else ''}", server)
+                        print(f"  Triton's own mean executed batch over these runs: {triton_batch(triton, before):.1f}")
+                    finally:
+                        server.close()
 
     print()
     print("| configuration | clients | img/s | p50 ms | p99 ms | decode ms | preprocess ms | queue ms | inference ms/batch | mean batch | server RPC ms | errors |")

@@ -127,6 +127,29 @@ def test_concurrent_requests_reach_triton_as_batches(triton_stack, photos):
     assert executions < inferences, f"Triton ran {inferences} images in {executions} executions: no batching"
 
 
+def test_shared_memory_transfer(triton_stack, photos):
+    triton = triton_stack["triton"]
+    service = ServerProcess(
+        ["--backend", "triton", "--triton-url", triton.grpc_address, "--triton-shm-mb", "4"],
+        triton_stack["root"] / "serve-shm.log",
+    ).wait_ready()
+    try:
+        with urllib.request.urlopen(f"{triton.http_url}/v2/systemsharedmemory/status", timeout=10) as resp:
+            regions = json.loads(resp.read())
+        assert len(regions) == 16 and all(r["byte_size"] == 4 * 1024 * 1024 for r in regions)
+        stub = _stub(service.address)
+        response = stub.Classify(classify_request(photos["coffee.jpg"], photos["chelsea.png"], top_k=1), timeout=60)
+        assert response.results[0].predictions[0].index == 967
+        assert response.results[1].predictions[0].index in range(281, 286)
+        # 8 images (4.8 MB) do not fit a 4 MiB region: sent inside the gRPC message instead, same answers.
+        big = stub.Classify(classify_request(*[photos["coffee.jpg"]] * 8, top_k=1), timeout=60)
+        assert [r.predictions[0].index for r in big.results] == [967] * 8
+    finally:
+        service.stop()
+    with urllib.request.urlopen(f"{triton.http_url}/v2/systemsharedmemory/status", timeout=10) as resp:
+        assert json.loads(resp.read()) == [], "regions were not unregistered at shutdown"
+
+
 def test_triton_outage_gives_unavailable_then_recovers_without_restart(triton_stack, photos):
     from vision.triton.runtime import TritonProcess
 

@@ -208,6 +208,7 @@ def _build_backend(
             timeout_s=settings.triton_timeout_s,
             retries=settings.triton_retries,
             on_batch=on_batch,
+            shared_memory_bytes=settings.triton_shm_mb * 1024 * 1024,
         )
     raise ConfigurationError(f"unknown backend {settings.backend!r}")
 

@@ -38,13 +38,13 @@ def rpc_method(service: str, method: str) -> Callable[[Handler], Handler]:
         @functools.wraps(fn)
         async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             code = grpc.StatusCode.OK
+            message = ""
             started = time.perf_counter()
             in_flight.inc()
             try:
                 return await fn(self, request, context)
             except VisionError as exc:
-                code = status_of(exc)
-                await context.abort(code, str(exc))
+                code, message = status_of(exc), str(exc)
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
                 expired = remaining is not None and remaining <= 0
@@ -55,12 +55,14 @@ def rpc_method(service: str, method: str) -> Callable[[Handler], Handler]:
                 raise
             except Exception:
                 log.exception("%s/%s failed", service, method)
-                code = grpc.StatusCode.INTERNAL
-                await context.abort(code, "internal error; the server log has the details")
+                code, message = grpc.StatusCode.INTERNAL, "internal error; the server log has the details"
             finally:
                 in_flight.dec()
                 latency.observe(time.perf_counter() - started)
                 metrics.REQUESTS.labels(service=service, method=method, code=code.name).inc()
+            # Only now: abort() sends the status at once, and a client that reads /metrics right after its
+            # error must find it counted.
+            await context.abort(code, message)
 
         return handler
 

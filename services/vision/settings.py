@@ -82,6 +82,11 @@ class ServeSettings(BaseSettings):
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC address for --backend triton.")
     triton_timeout_s: float = Field(10.0, gt=0, description="Per-attempt timeout of a Triton inference call.")
     triton_retries: int = Field(3, ge=0, le=10, description="Retries of an UNAVAILABLE Triton call (with backoff).")
+    triton_shm_mb: int = Field(
+        0, ge=0, le=1024,
+        description="Send tensors to a Triton on the same host through system shared memory: MiB per region "
+        "(16 regions); 0 = inside the gRPC message.",
+    )
     onnx_cache: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "vision-serving" / "onnx",
         description="Where start-up ONNX exports are cached, keyed by architecture, weights digest and versions.",

@@ -130,6 +130,9 @@ class LabelVocabulary:
     _children: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
     _by_wnid: dict[str, int] = field(init=False, repr=False, compare=False)
     _membership_cache: dict[int, np.ndarray] = field(init=False, repr=False, compare=False)
+    _sum_plan_cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         labels = tuple(sorted(self.labels, key=lambda label: label.index))
@@ -188,6 +191,7 @@ class LabelVocabulary:
         set_(self, "_children", tuple(tuple(c) for c in children))
         set_(self, "_by_wnid", by_wnid)
         set_(self, "_membership_cache", {})
+        set_(self, "_sum_plan_cache", {})
 
     @classmethod
     def from_names(cls, names: Sequence[str], *, source: str = "<memory>") -> LabelVocabulary:
@@ -632,10 +636,31 @@ def propagate_sum(vocab: LabelVocabulary, leaf_probs: np.ndarray) -> np.ndarray:
     labels with no output below them score 0.
 
     Returns ``(n_images, len(vocab))`` scores in ``leaf_probs``'s float dtype
-    (float32 for non-float input); one matrix product against the cached
-    :meth:`LabelVocabulary.leaf_membership` matrix.
+    (float32 for non-float input): ``leaf_probs @ vocab.leaf_membership(n_leaves)``,
+    computed from the matrix's non-zeros (cached).
     """
     leaf_probs = _as_matrix("leaf_probs", leaf_probs, None, "n_leaves")
-    membership = vocab.leaf_membership(leaf_probs.shape[1])
+    outputs, labels, starts = _sum_plan(vocab, leaf_probs.shape[1])
     dtype = leaf_probs.dtype if np.issubdtype(leaf_probs.dtype, np.floating) else np.float32
-    return leaf_probs.astype(dtype, copy=False) @ membership.astype(dtype, copy=False)
+    # Equal to ``leaf_probs @ leaf_membership`` but without BLAS: the matrix is ~99% zeros (ImageNet under
+    # WordNet: ~12k ones in 1000x1808), and a multithreaded BLAS call on a serving thread competes with the
+    # inference engine's threads (measured: +7 ms per Tag request on 2 cores). Sums accumulate in float64.
+    sums = np.add.reduceat(leaf_probs[:, outputs].astype(np.float64), starts, axis=1)
+    scores = np.zeros((leaf_probs.shape[0], len(vocab)), dtype=dtype)
+    scores[:, labels] = sums
+    return scores
+
+
+def _sum_plan(vocab: LabelVocabulary, n_leaves: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The non-zeros of ``leaf_membership(n_leaves)`` grouped by label, cached on the vocabulary.
+
+    Returns (outputs, labels, starts): ``outputs[starts[k]:starts[k+1]]`` are the outputs at or below
+    ``labels[k]``; labels with no output below them are absent (they score 0).
+    """
+    plan = vocab._sum_plan_cache.get(n_leaves)
+    if plan is None:
+        labels, outputs = np.nonzero(vocab.leaf_membership(n_leaves).T)  # sorted by label, then output
+        starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+        plan = (outputs, labels[starts], starts)
+        vocab._sum_plan_cache[n_leaves] = plan
+    return plan

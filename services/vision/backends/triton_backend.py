@@ -22,6 +22,45 @@ from vision.errors import DeadlineExceeded, FailedPrecondition, Unavailable, Vis
 
 log = logging.getLogger(__name__)
 
+class _SharedMemoryPool:
+    """System shared-memory regions for input tensors, registered with Triton: the service writes the batch
+    into a region and sends only its name, instead of serialising the tensor into the gRPC message.
+    Registrations live in the Triton process, so they are renewed whenever Triton comes back."""
+
+    def __init__(self, prefix: str, regions: int, region_bytes: int) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        self._shm = shm
+        self.region_bytes = region_bytes
+        self._names = [f"{prefix}_{i}" for i in range(regions)]
+        self._handles = {name: shm.create_shared_memory_region(name, f"/{name}", region_bytes) for name in self._names}
+        self._free: asyncio.Queue[str] = asyncio.Queue()
+        for name in self._names:
+            self._free.put_nowait(name)
+
+    async def register(self, client: object) -> None:
+        for name in self._names:
+            try:
+                await client.unregister_system_shared_memory(name)  # type: ignore[attr-defined]
+            except Exception:  # not registered yet: fine
+                pass
+            await client.register_system_shared_memory(name, f"/{name}", self.region_bytes)  # type: ignore[attr-defined]
+
+    async def acquire(self) -> str:
+        return await self._free.get()
+
+    def release(self, name: str) -> None:
+        self._free.put_nowait(name)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        self._shm.set_shared_memory_region(self._handles[name], [array])
+
+    def destroy(self) -> None:
+        for handle in self._handles.values():
+            self._shm.destroy_shared_memory_region(handle)
+        self._handles.clear()
+
+
 # Triton status strings (grpc.StatusCode reprs) that mean "try again shortly".
 _TRANSIENT = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED", "StatusCode.RESOURCE_EXHAUSTED")
 
@@ -41,6 +80,8 @@ class TritonBackend(InferenceBackend):
         retries: int = 3,
         health_interval_s: float = 1.0,
         on_batch: Callable[[BatchStats], None] | None = None,
+        shared_memory_bytes: int = 0,
+        shared_memory_regions: int = 16,
     ) -> None:
         self._url = url
         self._model = model_name
@@ -54,10 +95,18 @@ class TritonBackend(InferenceBackend):
         self._client = None
         self._ready = False
         self._monitor: asyncio.Task[None] | None = None
+        # 0 disables shared memory; otherwise the size of each region (requests that don't fit use gRPC).
+        self._shm_bytes = shared_memory_bytes
+        self._shm_regions = shared_memory_regions
+        self._shm: _SharedMemoryPool | None = None
 
     async def start(self) -> None:
         import tritonclient.grpc.aio as triton_grpc
 
+        if self._shm_bytes:
+            import os
+
+            self._shm = _SharedMemoryPool(f"vision_{os.getpid()}_{self._model}", self._shm_regions, self._shm_bytes)
         self._client = triton_grpc.InferenceServerClient(
             url=self._url,
             channel_args=[
@@ -78,10 +127,13 @@ class TritonBackend(InferenceBackend):
 
     async def _check_ready(self) -> bool:
         assert self._client is not None
+        was_ready = self._ready
         try:
-            self._ready = bool(
-                await self._client.is_model_ready(self._model, self._version, client_timeout=self._health_interval)
-            )
+            ready = bool(await self._client.is_model_ready(self._model, self._version, client_timeout=self._health_interval))
+            if ready and not was_ready and self._shm is not None:
+                # A (re)started Triton knows none of our regions.
+                await self._shm.register(self._client)
+            self._ready = ready
         except Exception:  # any transport error means "not ready"; the reason is in the next infer's error
             self._ready = False
         return self._ready
@@ -103,9 +155,25 @@ class TritonBackend(InferenceBackend):
 
         if self._client is None:
             raise Unavailable("Triton backend is not started")
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
         inputs = [triton_grpc.InferInput(self._input_name, list(batch.shape), "FP32")]
-        inputs[0].set_data_from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        region = None
+        if self._shm is not None and batch.nbytes <= self._shm.region_bytes:
+            region = await self._shm.acquire()
+            self._shm.write(region, batch)
+            inputs[0].set_shared_memory(region, batch.nbytes)
+        else:
+            inputs[0].set_data_from_numpy(batch)
         outputs = [triton_grpc.InferRequestedOutput(name) for name in self.output_names]
+        try:
+            return await self._infer_with_retries(inputs, outputs, len(batch), deadline)
+        finally:
+            if region is not None:
+                self._shm.release(region)  # type: ignore[union-attr]
+
+    async def _infer_with_retries(self, inputs: list, outputs: list, n: int, deadline: float | None) -> Outputs:
+        from tritonclient.utils import InferenceServerException
+
         deadline = deadline or time.monotonic() + self._timeout
         attempt = 0
         while True:
@@ -129,16 +197,22 @@ class TritonBackend(InferenceBackend):
                     raise error from None
                 attempt += 1
                 await asyncio.sleep(min(0.05 * 2**attempt, max(0.0, deadline - time.monotonic())))
+                await self._check_ready()  # also renews shared-memory registrations after a Triton restart
                 continue
             if self._on_batch is not None:
-                self._on_batch(BatchStats(len(batch), 0.0, time.perf_counter() - started))
+                self._on_batch(BatchStats(n, 0.0, time.perf_counter() - started))
             return {name: result.as_numpy(name) for name in self.output_names}
 
     def _translate(self, exc: Exception) -> VisionError:
         status = str(getattr(exc, "status", lambda: "")() or "")
         message = getattr(exc, "message", lambda: str(exc))() or str(exc)
         where = f"Triton at {self._url}, model {self._model!r} version {self._version!r}"
-        if status in _TRANSIENT or "failed to connect" in message.lower() or "unavailable" in message.lower():
+        lowered = message.lower()
+        if "shared memory" in lowered and "not" in lowered:
+            # Triton restarted between two health probes and forgot our regions: transient, re-registered.
+            self._ready = False
+            return Unavailable(f"{where} lost its shared-memory registrations: {message}")
+        if status in _TRANSIENT or "failed to connect" in lowered or "unavailable" in lowered:
             return Unavailable(f"{where} is unavailable: {message}")
         if status == "StatusCode.DEADLINE_EXCEEDED" or "deadline" in message.lower():
             return DeadlineExceeded(f"{where} did not answer in time")
@@ -154,4 +228,12 @@ class TritonBackend(InferenceBackend):
             except asyncio.CancelledError:
                 pass
         if self._client is not None:
+            if self._shm is not None and self._ready:
+                for name in self._shm._names:
+                    try:
+                        await self._client.unregister_system_shared_memory(name)
+                    except Exception:  # Triton gone: its registrations went with it
+                        pass
             await self._client.close()
+        if self._shm is not None:
+            self._shm.destroy()
