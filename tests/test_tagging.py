@@ -124,8 +124,11 @@ def test_edge_options_are_valid():
 def test_multilabel_tags_predicted_labels_and_their_ancestors(ml_tagger):
     (tags,) = ml_tagger.tag(ml_logits(cat=0.9, tree=0.7, car=0.4, dog=0.2))
     assert tags_of(tags) == [
-        (CAT, 0.9, False), (MAMMAL, 0.9, True), (ANIMAL, 0.9, True),  # ties: more specific first
-        (TREE, 0.7, False), (PLANT, 0.7, True),
+        (CAT, 0.9, False),
+        (MAMMAL, 0.9, True),
+        (ANIMAL, 0.9, True),  # ties: more specific first
+        (TREE, 0.7, False),
+        (PLANT, 0.7, True),
     ]
     assert (tags[0].label, tags[0].wnid, tags[0].depth) == ("cat", "n02121620", 2)
     assert (tags[2].label, tags[2].depth) == ("animal", 0)
@@ -143,9 +146,22 @@ def test_per_label_thresholds_override_the_default():
     logits = ml_logits(cat=0.9, tree=0.7, car=0.4, dog=0.2)
     assert [t.index for t in tagger.tag(logits)[0]] == [CAT, MAMMAL, ANIMAL, CAR, VEHICLE]
     # A request threshold replaces every per-label threshold.
-    assert [t.index for t in tagger.tag(logits, TagOptions(threshold=0.5))[0]] == [CAT, MAMMAL, ANIMAL, TREE, PLANT]
+    assert [t.index for t in tagger.tag(logits, TagOptions(threshold=0.5))[0]] == [
+        CAT,
+        MAMMAL,
+        ANIMAL,
+        TREE,
+        PLANT,
+    ]
     assert [t.index for t in tagger.tag(logits, TagOptions(threshold=0.15))[0]] == [
-        CAT, MAMMAL, ANIMAL, TREE, PLANT, CAR, VEHICLE, DOG
+        CAT,
+        MAMMAL,
+        ANIMAL,
+        TREE,
+        PLANT,
+        CAR,
+        VEHICLE,
+        DOG,
     ]
 
 
@@ -193,10 +209,15 @@ def test_sum_order_is_most_specific_first(sum_tagger):
     assert order == [ESPRESSO, COFFEE, TABBY, SIAMESE, DOMESTIC_CAT, S_ANIMAL]
     vocab = sum_tagger.vocabulary
     for position, index in enumerate(order):
-        assert not set(vocab.ancestors(index)) & set(order[:position]), "an ancestor came before its descendant"
+        assert not set(vocab.ancestors(index)) & set(order[:position]), (
+            "an ancestor came before its descendant"
+        )
     assert [t.from_hierarchy for t in tags] == [False, True, False, False, True, True]
     scores = {t.index: t.score for t in tags}
-    assert scores[DOMESTIC_CAT] >= max(scores[TABBY], scores[SIAMESE]) and scores[S_ANIMAL] >= scores[DOMESTIC_CAT]
+    assert (
+        scores[DOMESTIC_CAT] >= max(scores[TABBY], scores[SIAMESE])
+        and scores[S_ANIMAL] >= scores[DOMESTIC_CAT]
+    )
 
 
 def test_sum_max_tags_keeps_the_most_specific_and_min_score_filters(sum_tagger):
@@ -236,7 +257,11 @@ def write_json(path: Path, document) -> Path:
 
 def test_thresholds_by_index_and_wordnet_id(tmp_path):
     vocab = vocab_of(ML_ROWS)
-    table = load_thresholds(write_json(tmp_path / "t.json", {"default": 0.6, "thresholds": {"2": 0.3, "n02958343": 0.9}}), vocab, 8)
+    table = load_thresholds(
+        write_json(tmp_path / "t.json", {"default": 0.6, "thresholds": {"2": 0.3, "n02958343": 0.9}}),
+        vocab,
+        8,
+    )
     assert table.default == 0.6 and table.n_calibrated == 2
     assert table.per_label.tolist() == [0.6, 0.6, 0.3, 0.6, 0.6, 0.6, 0.6, 0.9]
     assert not table.per_label.flags.writeable
@@ -244,9 +269,13 @@ def test_thresholds_by_index_and_wordnet_id(tmp_path):
 
 def test_thresholds_list_for_every_label_or_every_output(tmp_path):
     vocab = vocab_of(SUM_ROWS)
-    full = load_thresholds(write_json(tmp_path / "a.json", {"thresholds": [0.1 * i for i in range(9)]}), vocab, 4)
+    full = load_thresholds(
+        write_json(tmp_path / "a.json", {"thresholds": [0.1 * i for i in range(9)]}), vocab, 4
+    )
     assert full.per_label.tolist() == pytest.approx([0.1 * i for i in range(9)])
-    outputs = load_thresholds(write_json(tmp_path / "b.json", {"default": 0.4, "thresholds": [0.2] * 4}), vocab, 4)
+    outputs = load_thresholds(
+        write_json(tmp_path / "b.json", {"default": 0.4, "thresholds": [0.2] * 4}), vocab, 4
+    )
     assert outputs.per_label.tolist() == [0.2] * 4 + [0.4] * 5
 
 
@@ -305,29 +334,43 @@ def test_imagenet_classifier_tags_with_the_bundled_wordnet_hierarchy():
 
 def test_hierarchy_none_and_other_heads():
     labels = imagenet_names()
-    assert load_tagger(model="m", task="classification", labels_source="imagenet", labels=labels, hierarchy="none") is None
-    flat = load_tagger(model="m", task="multilabel", labels_source="imagenet", labels=labels, hierarchy="none")
+    assert (
+        load_tagger(
+            model="m", task="classification", labels_source="imagenet", labels=labels, hierarchy="none"
+        )
+        is None
+    )
+    flat = load_tagger(
+        model="m", task="multilabel", labels_source="imagenet", labels=labels, hierarchy="none"
+    )
     assert flat is not None and flat.mode == "max" and len(flat) == 1000 and not flat.has_hierarchy
     assert load_tagger(model="m", task="features", labels_source="imagenet", labels=labels) is None
 
 
 def test_label_file_with_a_hierarchy_is_the_tag_vocabulary(tmp_path):
     path = write_tree(tmp_path / "tree.tsv", ML_ROWS)
-    tagger = load_tagger(model="m", task="multilabel", labels_source=str(path), labels=[r[3] for r in ML_ROWS])
+    tagger = load_tagger(
+        model="m", task="multilabel", labels_source=str(path), labels=[r[3] for r in ML_ROWS]
+    )
     assert tagger is not None and tagger.mode == "max" and tagger.has_hierarchy
     flat = tmp_path / "flat.txt"
     flat.write_text("0\ta\n1\tb\n")
     assert load_tagger(model="m", task="classification", labels_source=str(flat), labels=["a", "b"]) is None
     # ... unless it is given a hierarchy whose first labels are its outputs.
     tree = write_tree(tmp_path / "ab.tsv", [(0, "", 2, "a"), (1, "", 2, "b"), (2, "", -1, "ab")])
-    with_tree = load_tagger(model="m", task="classification", labels_source=str(flat), labels=["a", "b"], hierarchy=str(tree))
+    with_tree = load_tagger(
+        model="m", task="classification", labels_source=str(flat), labels=["a", "b"], hierarchy=str(tree)
+    )
     assert with_tree is not None and with_tree.mode == "sum" and len(with_tree) == 3
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"hierarchy": "wordnet"}, "bundled WordNet hierarchy is over the 1000 ImageNet-1k classes, but the model has 3"),
+        (
+            {"hierarchy": "wordnet"},
+            "bundled WordNet hierarchy is over the 1000 ImageNet-1k classes, but the model has 3",
+        ),
         ({"hierarchy": "/nope/tree.tsv"}, "hierarchy file /nope/tree.tsv does not exist"),
         ({"hierarchy": "SHORT"}, "has 2 labels, fewer than the model's 3 outputs"),
         ({"thresholds": Path("/t.json")}, "has a thresholds file but cannot tag"),
@@ -339,11 +382,15 @@ def test_bad_tagging_configuration_is_refused(tmp_path, kwargs, message):
     if kwargs.get("hierarchy") == "SHORT":
         kwargs["hierarchy"] = str(write_tree(tmp_path / "short.tsv", [(0, "", -1, "a"), (1, "", 0, "b")]))
     with pytest.raises(ConfigurationError, match=message):
-        load_tagger(model="m", task="classification", labels_source=str(flat), labels=["a", "b", "c"], **kwargs)
+        load_tagger(
+            model="m", task="classification", labels_source=str(flat), labels=["a", "b", "c"], **kwargs
+        )
 
 
 def test_model_spec_takes_hierarchy_and_thresholds():
-    config = ModelConfig.parse_spec("arch=resnext50_32x4d_multilabel,labels=/v.tsv,hierarchy=none,thresholds=/t.json")
+    config = ModelConfig.parse_spec(
+        "arch=resnext50_32x4d_multilabel,labels=/v.tsv,hierarchy=none,thresholds=/t.json"
+    )
     assert (config.hierarchy, config.thresholds) == ("none", Path("/t.json"))
 
 
@@ -366,7 +413,10 @@ def test_repository_finds_models_by_task_and_explains_a_model_that_cannot_tag(ml
     assert [m.card.name for m in repo.list("tagging")] == ["wordnet", "ml"]
     assert repo.get(task="tagging").card.name == "wordnet"
     assert repo.get("ml", task="tagging").card.tasks == {"multilabel", "tagging"}
-    with pytest.raises(NotFound, match=r"model 'plain' cannot be used for tagging \(it serves: classification\); available: ml, wordnet"):
+    with pytest.raises(
+        NotFound,
+        match=r"model 'plain' cannot be used for tagging \(it serves: classification\); available: ml, wordnet",
+    ):
         repo.get("plain", task="tagging")
     with pytest.raises(NotFound, match="model 'ml' cannot be used for classification"):
         repo.get("ml", task="classification")

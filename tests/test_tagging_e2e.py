@@ -18,7 +18,9 @@ from vision.models.labels import imagenet_wordnet
 from vision.v1 import classification_pb2, classification_pb2_grpc, common_pb2, tagging_pb2, tagging_pb2_grpc
 
 
-def tag_request(*contents: bytes, model: str = "", version: str = "", **options: float) -> tagging_pb2.TagRequest:
+def tag_request(
+    *contents: bytes, model: str = "", version: str = "", **options: float
+) -> tagging_pb2.TagRequest:
     request = tagging_pb2.TagRequest(
         model=common_pb2.ModelSelector(name=model, version=version),
         images=[common_pb2.Image(id=f"img{i}", content=c) for i, c in enumerate(contents)],
@@ -88,31 +90,60 @@ def test_threshold_override_max_tags_and_min_score_on_a_real_photo(tagger, photo
     assert_consistent_with_wordnet(low)
     capped = tagger.Tag(tag_request(photos["chelsea.png"], threshold=0.2, max_tags=3), timeout=60).results[0]
     assert names(capped) == names(low)[:3]
-    filtered = tagger.Tag(tag_request(photos["chelsea.png"], threshold=0.2, min_score=0.9), timeout=60).results[0]
+    filtered = tagger.Tag(
+        tag_request(photos["chelsea.png"], threshold=0.2, min_score=0.9), timeout=60
+    ).results[0]
     assert names(filtered) == [t.label for t in low.tags if t.score >= 0.9]
 
 
 def test_batch_results_follow_request_order(tagger, photos):
-    response = tagger.Tag(tag_request(photos["chelsea.png"], photos["coffee.jpg"], photos["rocket.jpg"]), timeout=60)
+    response = tagger.Tag(
+        tag_request(photos["chelsea.png"], photos["coffee.jpg"], photos["rocket.jpg"]), timeout=60
+    )
     assert [r.image_id for r in response.results] == ["img0", "img1", "img2"]
     assert "cat" in names(response.results[0]) and names(response.results[1])[0] == "espresso"
 
 
 def test_list_models_of_tagging(tagger):
     (model,) = tagger.ListModels(common_pb2.ListModelsRequest(), timeout=10).models
-    assert (model.name, model.task, model.num_labels, model.num_tag_labels) == ("efficientnet_lite0", "classification", 1000, 1808)
+    assert (model.name, model.task, model.num_labels, model.num_tag_labels) == (
+        "efficientnet_lite0",
+        "classification",
+        1000,
+        1808,
+    )
 
 
 BAD_REQUESTS = {
-    "threshold-above-1": ({"threshold": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, "threshold must be between 0 and 1"),
-    "threshold-negative": ({"threshold": -0.25}, grpc.StatusCode.INVALID_ARGUMENT, "threshold must be between 0 and 1"),
+    "threshold-above-1": (
+        {"threshold": 1.5},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "threshold must be between 0 and 1",
+    ),
+    "threshold-negative": (
+        {"threshold": -0.25},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "threshold must be between 0 and 1",
+    ),
     "threshold-nan": ({"threshold": math.nan}, grpc.StatusCode.INVALID_ARGUMENT, "got nan"),
-    "min-score-above-1": ({"min_score": 1.01}, grpc.StatusCode.INVALID_ARGUMENT, "min_score must be between 0 and 1"),
+    "min-score-above-1": (
+        {"min_score": 1.01},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "min_score must be between 0 and 1",
+    ),
     "max-tags-zero": ({"max_tags": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max_tags must be at least 1"),
     "max-tags-negative": ({"max_tags": -2}, grpc.StatusCode.INVALID_ARGUMENT, "max_tags must be at least 1"),
     "unknown-model": ({"model": "nope"}, grpc.StatusCode.NOT_FOUND, "available: efficientnet_lite0"),
-    "unknown-version": ({"model": "efficientnet_lite0", "version": "9"}, grpc.StatusCode.NOT_FOUND, "no version '9'"),
-    "bad-image-names-its-index": ({"extra": b"garbage"}, grpc.StatusCode.INVALID_ARGUMENT, "image 1 (id 'img1')"),
+    "unknown-version": (
+        {"model": "efficientnet_lite0", "version": "9"},
+        grpc.StatusCode.NOT_FOUND,
+        "no version '9'",
+    ),
+    "bad-image-names-its-index": (
+        {"extra": b"garbage"},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "image 1 (id 'img1')",
+    ),
     "empty-batch": ({"no_images": True}, grpc.StatusCode.INVALID_ARGUMENT, "no images"),
     "oversize-batch": ({"copies": 33}, grpc.StatusCode.RESOURCE_EXHAUSTED, "limit of 32"),
 }
@@ -143,19 +174,31 @@ def test_metrics_move_after_tag_requests(tagger, server, photos):
     ok = {"service": "vision.v1.Tagging", "method": "Tag", "code": "OK"}
     bad = {**ok, "code": "INVALID_ARGUMENT"}
     for labels in (ok, bad):
-        assert metric_value(after, "vision_requests_total", **labels) - metric_value(before, "vision_requests_total", **labels) == 1
+        assert (
+            metric_value(after, "vision_requests_total", **labels)
+            - metric_value(before, "vision_requests_total", **labels)
+            == 1
+        )
     images = {"service": "vision.v1.Tagging", "model": "efficientnet_lite0"}
-    assert metric_value(after, "vision_images_total", **images) - metric_value(before, "vision_images_total", **images) == 2
+    assert (
+        metric_value(after, "vision_images_total", **images)
+        - metric_value(before, "vision_images_total", **images)
+        == 2
+    )
     latency = {"service": "vision.v1.Tagging", "method": "Tag"}
-    assert metric_value(after, "vision_request_duration_seconds_count", **latency) - metric_value(
-        before, "vision_request_duration_seconds_count", **latency
-    ) == 2
+    assert (
+        metric_value(after, "vision_request_duration_seconds_count", **latency)
+        - metric_value(before, "vision_request_duration_seconds_count", **latency)
+        == 2
+    )
 
 
 def test_health_and_reflection_include_tagging(channel):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="vision.v1.Tagging"), timeout=10)
+    status = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="vision.v1.Tagging"), timeout=10
+    )
     assert status.status == health_pb2.HealthCheckResponse.SERVING
     assert "vision.v1.Tagging" in set(ProtoReflectionDescriptorDatabase(channel).get_services())
 
@@ -164,7 +207,9 @@ def test_health_and_reflection_include_tagging(channel):
 
 
 def vision_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vision.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "vision.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_vision_tag_cli(server, photos, tmp_path):
@@ -193,8 +238,12 @@ def labelled(photos, tmp_path_factory):
     root = tmp_path_factory.mktemp("labelled")
     folder = root / "folder"
     layout = {
-        "espresso": "coffee.png", "beverage": "coffee.png", "domestic cat": "chelsea.png",
-        "n01861778": "chelsea.png", "tabby": "chelsea.png", "space shuttle": "rocket.jpg",
+        "espresso": "coffee.png",
+        "beverage": "coffee.png",
+        "domestic cat": "chelsea.png",
+        "n01861778": "chelsea.png",
+        "tabby": "chelsea.png",
+        "space shuttle": "rocket.jpg",
     }
     for label, image in layout.items():
         (folder / label).mkdir(parents=True)
@@ -223,21 +272,32 @@ def test_eval_tags_reports_multilabel_metrics(server, labelled, kind):
     report = json.loads(result.stdout)
     assert (report["n_samples"], report["n_labels"], report["n_labels_evaluated"]) == (3, 6, 6)
     per_label = {e["name"]: e for e in report["per_label"]}
-    assert {n for n, e in per_label.items() if e["true_positives"]} == {"espresso", "beverage", "domestic cat", "n01861778"}
+    assert {n for n, e in per_label.items() if e["true_positives"]} == {
+        "espresso",
+        "beverage",
+        "domestic cat",
+        "n01861778",
+    }
     assert report["OP"] == 1.0 and report["OR"] == pytest.approx(4 / 6)
     assert report["CP"] == pytest.approx(4 / 6) and report["CR"] == pytest.approx(4 / 6)
     # coffee: 1; chelsea: 2·2/(3+2) = 0.8; rocket: 0.
     assert report["samples_f1"] == pytest.approx(0.6)
     # Every label's one positive image scores it highest of the three, missed or not.
     assert report["mAP"] == pytest.approx(1.0)
-    lowered = json.loads(vision_cli("eval-tags", "--target", server.address, "--json", "--threshold", "0.01", str(dataset)).stdout)
+    lowered = json.loads(
+        vision_cli(
+            "eval-tags", "--target", server.address, "--json", "--threshold", "0.01", str(dataset)
+        ).stdout
+    )
     assert lowered["OR"] == 1.0 and lowered["OP"] < 1.0  # everything found, at the cost of false positives
     text = vision_cli("eval-tags", "--target", server.address, str(dataset))
     assert "samples-F1 0.6000  mAP 1.0000" in text.stdout
 
 
 def test_eval_tags_refuses_a_bad_dataset(server, tmp_path):
-    (tmp_path / "bad.json").write_text(json.dumps({"labels": ["a"], "samples": [{"image": "missing.jpg", "labels": ["a"]}]}))
+    (tmp_path / "bad.json").write_text(
+        json.dumps({"labels": ["a"], "samples": [{"image": "missing.jpg", "labels": ["a"]}]})
+    )
     result = vision_cli("eval-tags", "--target", server.address, str(tmp_path / "bad.json"))
     assert result.returncode == 2 and "missing.jpg does not exist" in result.stderr
 
@@ -307,22 +367,34 @@ def ml_channel(multilabel_server):
 
 
 def own_and_inherited(result) -> tuple[list[int], list[int]]:
-    return [t.index for t in result.tags if not t.from_hierarchy], [t.index for t in result.tags if t.from_hierarchy]
+    return [t.index for t in result.tags if not t.from_hierarchy], [
+        t.index for t in result.tags if t.from_hierarchy
+    ]
 
 
 def test_multilabel_head_returns_the_labels_it_was_built_to_fire(ml_channel, photos):
     stub = tagging_pb2_grpc.TaggingStub(ml_channel)
-    response = stub.Tag(tag_request(photos["coffee.jpg"], photos["chelsea.png"], model="mlx", version="1"), timeout=120)
+    response = stub.Tag(
+        tag_request(photos["coffee.jpg"], photos["chelsea.png"], model="mlx", version="1"), timeout=120
+    )
     assert (response.model.name, response.model.version) == ("mlx", "1")
     for result in response.results:
         own, inherited = own_and_inherited(result)
         assert own == [2, 5]
         assert sorted(inherited) == [0, 1, 4]  # animal, mammal above cat; plant above tree
         tags = {t.index: t for t in result.tags}
-        assert tags[2].score == pytest.approx(0.95, abs=1e-4) and tags[5].score == pytest.approx(0.75, abs=1e-4)
+        assert tags[2].score == pytest.approx(0.95, abs=1e-4) and tags[5].score == pytest.approx(
+            0.75, abs=1e-4
+        )
         # Ancestors score the max over their tagged descendants.
         assert tags[1].score == tags[0].score == tags[2].score and tags[4].score == tags[5].score
-        assert [t.label for t in result.tags] == ["cat", "mammal", "animal", "tree", "plant"]  # by score, ties specific first
+        assert [t.label for t in result.tags] == [
+            "cat",
+            "mammal",
+            "animal",
+            "tree",
+            "plant",
+        ]  # by score, ties specific first
         assert (tags[2].wnid, tags[2].depth, tags[0].depth) == ("n02121620", 2, 0)
 
 
@@ -331,20 +403,32 @@ def test_calibrated_thresholds_override_the_default(ml_channel, photos):
     response = stub.Tag(tag_request(photos["coffee.jpg"], model="mlx"), timeout=120)  # newest: version 2
     assert response.model.version == "2"
     result = response.results[0]
-    assert own_and_inherited(result) == ([2, 7], [1, 0, 6])  # car fires at 0.40 >= 0.35; tree's 0.75 < 0.8 does not
-    overridden = stub.Tag(tag_request(photos["coffee.jpg"], model="mlx", threshold=0.5), timeout=120).results[0]
+    assert own_and_inherited(result) == (
+        [2, 7],
+        [1, 0, 6],
+    )  # car fires at 0.40 >= 0.35; tree's 0.75 < 0.8 does not
+    overridden = stub.Tag(tag_request(photos["coffee.jpg"], model="mlx", threshold=0.5), timeout=120).results[
+        0
+    ]
     assert own_and_inherited(overridden)[0] == [2, 5]
     strict = stub.Tag(tag_request(photos["coffee.jpg"], model="mlx", min_score=0.5), timeout=120).results[0]
     assert [t.label for t in strict.tags] == ["cat", "mammal", "animal"]
-    capped = stub.Tag(tag_request(photos["coffee.jpg"], model="mlx", threshold=0.1, max_tags=4), timeout=120).results[0]
+    capped = stub.Tag(
+        tag_request(photos["coffee.jpg"], model="mlx", threshold=0.1, max_tags=4), timeout=120
+    ).results[0]
     assert [t.label for t in capped.tags] == ["cat", "mammal", "animal", "tree"]
     assert [t.score for t in capped.tags] == sorted((t.score for t in capped.tags), reverse=True)
 
 
 def test_flat_multilabel_model_with_nus_wide_labels(ml_channel, photos):
-    result = tagging_pb2_grpc.TaggingStub(ml_channel).Tag(tag_request(photos["rocket.jpg"], model="nus"), timeout=60).results[0]
+    result = (
+        tagging_pb2_grpc.TaggingStub(ml_channel)
+        .Tag(tag_request(photos["rocket.jpg"], model="nus"), timeout=60)
+        .results[0]
+    )
     assert [(t.label, t.from_hierarchy, t.depth, t.wnid) for t in result.tags] == [
-        ("water", False, 0, ""), ("sky", False, 0, "")
+        ("water", False, 0, ""),
+        ("sky", False, 0, ""),
     ]
 
 
@@ -352,27 +436,41 @@ def test_which_service_serves_which_model(ml_channel, photos):
     tagging = tagging_pb2_grpc.TaggingStub(ml_channel)
     classification = classification_pb2_grpc.ClassificationStub(ml_channel)
     listed = tagging.ListModels(common_pb2.ListModelsRequest(), timeout=10).models
-    assert [(m.name, m.version, m.task, m.num_labels, m.num_tag_labels, m.preprocessing.preset) for m in listed] == [
+    assert [
+        (m.name, m.version, m.task, m.num_labels, m.num_tag_labels, m.preprocessing.preset) for m in listed
+    ] == [
         ("mlx", "1", "multilabel", 8, 8, "mlimages"),
         ("mlx", "2", "multilabel", 8, 8, "mlimages"),
         ("nus", "1", "multilabel", 5, 5, "torchvision"),
     ]
-    assert [m.name for m in classification.ListModels(common_pb2.ListModelsRequest(), timeout=10).models] == ["plain"]
+    assert [m.name for m in classification.ListModels(common_pb2.ListModelsRequest(), timeout=10).models] == [
+        "plain"
+    ]
     # A classification model without a hierarchy cannot tag; a multi-label model is not softmax-classified.
     with pytest.raises(grpc.RpcError) as info:
         tagging.Tag(tag_request(photos["coffee.jpg"], model="plain"), timeout=60)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "model 'plain' cannot be used for tagging (it serves: classification); available: mlx, nus" in info.value.details()
+    assert (
+        "model 'plain' cannot be used for tagging (it serves: classification); available: mlx, nus"
+        in info.value.details()
+    )
     with pytest.raises(grpc.RpcError) as info:
         classification.Classify(
-            classification_pb2.ClassifyRequest(model=common_pb2.ModelSelector(name="mlx"), images=[common_pb2.Image(content=photos["coffee.jpg"])]),
+            classification_pb2.ClassifyRequest(
+                model=common_pb2.ModelSelector(name="mlx"),
+                images=[common_pb2.Image(content=photos["coffee.jpg"])],
+            ),
             timeout=60,
         )
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "cannot be used for classification" in info.value.details()
+    assert (
+        info.value.code() == grpc.StatusCode.NOT_FOUND
+        and "cannot be used for classification" in info.value.details()
+    )
     # Both still answer: the default tagging model is the first configured one that can tag.
     assert tagging.Tag(tag_request(photos["coffee.jpg"]), timeout=120).model.name == "mlx"
     plain = classification.Classify(
-        classification_pb2.ClassifyRequest(images=[common_pb2.Image(content=photos["coffee.jpg"])], top_k=1), timeout=60
+        classification_pb2.ClassifyRequest(images=[common_pb2.Image(content=photos["coffee.jpg"])], top_k=1),
+        timeout=60,
     )
     assert plain.model.name == "plain" and plain.results[0].predictions[0].index == 967
 
@@ -381,9 +479,26 @@ def test_bad_thresholds_file_stops_startup(tmp_path):
     bad = tmp_path / "t.json"
     bad.write_text('{"default": 0.5, "thresholds": {"5000": 0.3}}')
     result = subprocess.run(
-        [sys.executable, "-m", "vision.cli", "serve", "--port", "0", "--metrics-port", "0", "--backend", "torch",
-         "--model", f"arch=efficientnet_lite0,thresholds={bad}"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "vision.cli",
+            "serve",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--backend",
+            "torch",
+            "--model",
+            f"arch=efficientnet_lite0,thresholds={bad}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1
-    assert f'{bad}: "thresholds"["5000"]: no label 5000' in result.stderr and "gRPC listening" not in result.stdout
+    assert (
+        f'{bad}: "thresholds"["5000"]: no label 5000' in result.stderr
+        and "gRPC listening" not in result.stdout
+    )

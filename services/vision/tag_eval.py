@@ -92,7 +92,9 @@ def _load_json(path: Path) -> TagDataset:
     column = {name: i for i, name in enumerate(labels)}
     raw = document.get("samples")
     if not isinstance(raw, list) or not raw:
-        raise DatasetError(f'{path}: "samples" must be a non-empty list of {{"image": PATH, "labels": [...]}}')
+        raise DatasetError(
+            f'{path}: "samples" must be a non-empty list of {{"image": PATH, "labels": [...]}}'
+        )
     samples = []
     for i, entry in enumerate(raw):
         where = f'{path}: "samples"[{i}]'

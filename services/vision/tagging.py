@@ -83,7 +83,9 @@ class TagOptions:
             if value is not None and not 0.0 <= value <= 1.0:
                 raise InvalidArgument(f"{name} must be between 0 and 1, got {value}")
         if self.max_tags is not None and self.max_tags < 1:
-            raise InvalidArgument(f"max_tags must be at least 1 (leave it unset for no limit), got {self.max_tags}")
+            raise InvalidArgument(
+                f"max_tags must be at least 1 (leave it unset for no limit), got {self.max_tags}"
+            )
 
 
 # --------------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ class Thresholds:
     source: str = ""
 
     @classmethod
-    def constant(cls, n_labels: int, value: float = DEFAULT_THRESHOLD) -> "Thresholds":
+    def constant(cls, n_labels: int, value: float = DEFAULT_THRESHOLD) -> Thresholds:
         per_label = np.full(n_labels, value, dtype=np.float64)
         per_label.setflags(write=False)
         return cls(default=value, per_label=per_label)
@@ -139,7 +141,9 @@ def load_thresholds(path: Path, vocab: LabelVocabulary, n_outputs: int) -> Thres
     try:
         document = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
-        raise ConfigurationError(f"{where}:{exc.lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+        raise ConfigurationError(
+            f"{where}:{exc.lineno}: not valid JSON: {exc.msg} (column {exc.colno})"
+        ) from None
     except UnicodeDecodeError as exc:
         raise ConfigurationError(f"{where}: not UTF-8 text ({exc})") from None
     if not isinstance(document, dict):
@@ -153,7 +157,9 @@ def load_thresholds(path: Path, vocab: LabelVocabulary, n_outputs: int) -> Thres
     if "fallback" in document:
         fallback = _threshold_value(document["fallback"], f'{where}: "fallback"')
         if "default" in document and fallback != default:
-            raise ConfigurationError(f'{where}: "default" ({default}) and "fallback" ({fallback}) disagree; keep one')
+            raise ConfigurationError(
+                f'{where}: "default" ({default}) and "fallback" ({fallback}) disagree; keep one'
+            )
         default = fallback
 
     n_labels = len(vocab)
@@ -162,8 +168,14 @@ def load_thresholds(path: Path, vocab: LabelVocabulary, n_outputs: int) -> Thres
     calibrated = 0
     if isinstance(given, list):
         if len(given) not in (n_labels, n_outputs):
-            sizes = f"{n_labels}" if n_labels == n_outputs else f"{n_labels} (every label) or {n_outputs} (model outputs)"
-            raise ConfigurationError(f'{where}: "thresholds" has {len(given)} values; the model needs {sizes}')
+            sizes = (
+                f"{n_labels}"
+                if n_labels == n_outputs
+                else f"{n_labels} (every label) or {n_outputs} (model outputs)"
+            )
+            raise ConfigurationError(
+                f'{where}: "thresholds" has {len(given)} values; the model needs {sizes}'
+            )
         for index, value in enumerate(given):
             per_label[index] = _threshold_value(value, f'{where}: "thresholds"[{index}]')
         calibrated = len(given)
@@ -173,7 +185,9 @@ def load_thresholds(path: Path, vocab: LabelVocabulary, n_outputs: int) -> Thres
             if key.isdigit():
                 index = int(key)
                 if index >= n_labels:
-                    raise ConfigurationError(f"{entry}: no label {index}; the vocabulary has labels 0..{n_labels - 1}")
+                    raise ConfigurationError(
+                        f"{entry}: no label {index}; the vocabulary has labels 0..{n_labels - 1}"
+                    )
             elif key in vocab:
                 index = vocab.by_wnid(key).index
             else:
@@ -217,13 +231,17 @@ class Tagger:
                 f"{self.vocabulary.source}: has {n_labels} labels, fewer than the model's {self.n_outputs} outputs"
             )
         if self.thresholds.per_label.shape != (n_labels,):
-            raise ValueError(f"thresholds cover {self.thresholds.per_label.shape[0]} labels, the vocabulary {n_labels}")
+            raise ValueError(
+                f"thresholds cover {self.thresholds.per_label.shape[0]} labels, the vocabulary {n_labels}"
+            )
         depth = np.array([self.vocabulary.depth(i) for i in range(n_labels)], dtype=np.int32)
         never = np.zeros(n_labels, dtype=bool)
         if self.mode == "sum":
-            # Built once here (cached by the vocabulary) so the first request does not pay for it.
+            # The membership matrix and propagate_sum's index are cached by the vocabulary: building them
+            # here means the first request does not pay for it.
             covered = self.vocabulary.leaf_membership(self.n_outputs).sum(axis=0)
             never = covered >= self.n_outputs
+            propagate_sum(self.vocabulary, np.zeros((1, self.n_outputs), dtype=np.float32))
         object.__setattr__(self, "_depth", depth)
         object.__setattr__(self, "_never", never)
 
@@ -269,7 +287,11 @@ class Tagger:
         min_score = options.min_score
         rows = []
         for found in propagate_max(self.vocabulary, probs, predicted):
-            tags = [self._make(t.index, t.score, t.from_hierarchy) for t in found if min_score is None or t.score >= min_score]
+            tags = [
+                self._make(t.index, t.score, t.from_hierarchy)
+                for t in found
+                if min_score is None or t.score >= min_score
+            ]
             tags.sort(key=lambda t: (-t.score, -t.depth, t.index))
             rows.append(tags)
         return rows
@@ -348,7 +370,9 @@ def _tag_vocabulary(
 
     n_outputs = len(labels)
     if hierarchy == HIERARCHY_NONE:
-        return LabelVocabulary.from_names(labels, source=f"labels of {model}") if task == "multilabel" else None
+        return (
+            LabelVocabulary.from_names(labels, source=f"labels of {model}") if task == "multilabel" else None
+        )
     if hierarchy == HIERARCHY_WORDNET or (hierarchy is None and labels_source == IMAGENET):
         if n_outputs != 1000:
             if hierarchy is None:
@@ -406,12 +430,27 @@ def load_tagger(
         log.warning(
             "model %s: %d output names differ between its labels and hierarchy %s (first: output %d is %r vs %r); "
             "check that the hierarchy lists the outputs in model order",
-            model, len(mismatched), vocab.source, i, labels[i], vocab[i].name,
+            model,
+            len(mismatched),
+            vocab.source,
+            i,
+            labels[i],
+            vocab[i].name,
         )
-    table = load_thresholds(thresholds, vocab, n_outputs) if thresholds is not None else Thresholds.constant(len(vocab))
+    table = (
+        load_thresholds(thresholds, vocab, n_outputs)
+        if thresholds is not None
+        else Thresholds.constant(len(vocab))
+    )
     tagger = Tagger("max" if task == "multilabel" else "sum", vocab, n_outputs, table)
     if table.n_calibrated:
-        log.info("model %s: %d per-label thresholds from %s (default %.3g)", model, table.n_calibrated, table.source, table.default)
+        log.info(
+            "model %s: %d per-label thresholds from %s (default %.3g)",
+            model,
+            table.n_calibrated,
+            table.source,
+            table.default,
+        )
     if not math.isclose(table.default, DEFAULT_THRESHOLD):
         log.info("model %s: default tag threshold %.3g", model, table.default)
     return tagger

@@ -21,7 +21,9 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServicer):
         self._dataplane = dataplane
 
     @rpc_method(SERVICE, "Tag")
-    async def Tag(self, request: tagging_pb2.TagRequest, context: grpc.aio.ServicerContext) -> tagging_pb2.TagResponse:
+    async def Tag(
+        self, request: tagging_pb2.TagRequest, context: grpc.aio.ServicerContext
+    ) -> tagging_pb2.TagResponse:
         model = self._dataplane.repository.get(request.model.name, request.model.version, task=TASK)
         options = TagOptions(
             threshold=request.threshold if request.HasField("threshold") else None,
@@ -37,7 +39,12 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServicer):
             result = response.results.add(image_id=image.id)
             for t in tags:
                 result.tags.add(
-                    index=t.index, label=t.label, wnid=t.wnid, score=t.score, from_hierarchy=t.from_hierarchy, depth=t.depth
+                    index=t.index,
+                    label=t.label,
+                    wnid=t.wnid,
+                    score=t.score,
+                    from_hierarchy=t.from_hierarchy,
+                    depth=t.depth,
                 )
         return response
 
