@@ -271,3 +271,28 @@ def test_server_reflection_lists_services(channel):
     assert {"vision.v1.Classification", "grpc.health.v1.Health"} <= services
     method = db.FindFileContainingSymbol("vision.v1.Classification")
     assert method.package == "vision.v1"
+
+
+def test_classify_cli_prints_classes_model_and_errors(server, photos, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "coffee.jpg").write_bytes(photos["coffee.jpg"])
+    (tmp_path / "chelsea.png").write_bytes(photos["chelsea.png"])
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    cli = [sys.executable, "-m", "vision.cli"]
+    ok = subprocess.run(
+        [*cli, "classify", str(tmp_path / "coffee.jpg"), str(tmp_path / "chelsea.png"), "--top-k", "5", "--target", server.address],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    lines = ok.stdout.splitlines()
+    assert lines[0] == "model efficientnet_lite0 version 1"
+    assert "967  espresso" in lines[2] and lines[2].lstrip().startswith("1.")
+    assert sum(1 for line in lines if line.lstrip()[:2] in {f"{i}." for i in range(1, 6)}) == 10
+    bad = subprocess.run(
+        [*cli, "classify", str(tmp_path / "broken.jpg"), "--target", server.address], capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "image 0" in bad.stderr
+    models = subprocess.run([*cli, "models", "--target", server.address], capture_output=True, text=True, timeout=120)
+    assert models.returncode == 0 and "efficientnet_lite0:1" in models.stdout and "backend=onnxruntime" in models.stdout

@@ -93,8 +93,28 @@ def _rpc_error(exc: Exception, target: str) -> int:
     raise exc
 
 
-def _classify(args: argparse.Namespace) -> int:
+def _unary(args: argparse.Namespace, stub_class: type, method: str, request: object) -> object | None:
+    """One RPC to `args.target` with `args.timeout`; None (after printing the status) when it fails."""
     import grpc
+
+    with grpc.insecure_channel(args.target, options=[("grpc.max_send_message_length", 1 << 30)]) as channel:
+        try:
+            return getattr(stub_class(channel), method)(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            _rpc_error(exc, args.target)
+            return None
+
+
+def _printed_json(args: argparse.Namespace, response: object) -> bool:
+    if not getattr(args, "json", False):
+        return False
+    from google.protobuf.json_format import MessageToDict
+
+    print(json.dumps(MessageToDict(response), indent=2))  # type: ignore[arg-type]
+    return True
+
+
+def _classify(args: argparse.Namespace) -> int:
 
     from vision.v1 import classification_pb2, classification_pb2_grpc, common_pb2
 
@@ -103,17 +123,9 @@ def _classify(args: argparse.Namespace) -> int:
         images=[common_pb2.Image(id=name, content=data) for name, data in _read_images(args.images)],
         top_k=args.top_k,
     )
-    with grpc.insecure_channel(args.target, options=[("grpc.max_send_message_length", 1 << 30)]) as channel:
-        stub = classification_pb2_grpc.ClassificationStub(channel)
-        try:
-            response = stub.Classify(request, timeout=args.timeout)
-        except grpc.RpcError as exc:
-            return _rpc_error(exc, args.target)
-    if args.json:
-        from google.protobuf.json_format import MessageToDict
-
-        print(json.dumps(MessageToDict(response), indent=2))
-        return 0
+    response = _unary(args, classification_pb2_grpc.ClassificationStub, "Classify", request)
+    if response is None or _printed_json(args, response):
+        return 0 if response is not None else 1
     print(f"model {response.model.name} version {response.model.version}")
     for result in response.results:
         print(result.image_id)
@@ -139,21 +151,13 @@ def _tag_request(args: argparse.Namespace, images: Sequence[tuple[str, bytes]], 
 
 
 def _tag(args: argparse.Namespace) -> int:
-    import grpc
 
     from vision.v1 import tagging_pb2_grpc
 
     request = _tag_request(args, _read_images(args.images))
-    with grpc.insecure_channel(args.target, options=[("grpc.max_send_message_length", 1 << 30)]) as channel:
-        try:
-            response = tagging_pb2_grpc.TaggingStub(channel).Tag(request, timeout=args.timeout)
-        except grpc.RpcError as exc:
-            return _rpc_error(exc, args.target)
-    if args.json:
-        from google.protobuf.json_format import MessageToDict
-
-        print(json.dumps(MessageToDict(response), indent=2))
-        return 0
+    response = _unary(args, tagging_pb2_grpc.TaggingStub, "Tag", request)
+    if response is None or _printed_json(args, response):
+        return 0 if response is not None else 1
     print(f"model {response.model.name} version {response.model.version}")
     for result in response.results:
         print(f"{result.image_id}: {len(result.tags)} tags")

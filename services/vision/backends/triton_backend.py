@@ -151,7 +151,6 @@ class TritonBackend(InferenceBackend):
 
     async def infer(self, batch: np.ndarray, *, deadline: float | None = None) -> Outputs:
         import tritonclient.grpc.aio as triton_grpc
-        from tritonclient.utils import InferenceServerException
 
         if self._client is None:
             raise Unavailable("Triton backend is not started")

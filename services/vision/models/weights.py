@@ -6,7 +6,6 @@ file, raised at start-up so a bad file never reaches the first request.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,17 +14,12 @@ import torch
 from torch import nn
 
 from vision.errors import ConfigurationError
+from vision.files import sha256_file
+
+__all__ = ["load_weights", "read_state_dict", "sha256_file"]
 
 # Keys under which checkpoints written by training code (ours and common trainers) keep the weights.
 _CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "ema_state_dict")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

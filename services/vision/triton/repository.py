@@ -24,7 +24,6 @@ ModelConfig protobuf to prove it is valid text format.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import shutil
@@ -33,6 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from vision.files import sha256_file
 
 Flavour = Literal["cpu-python", "gpu-onnxruntime"]
 FLAVOURS: tuple[str, ...] = ("cpu-python", "gpu-onnxruntime")
@@ -276,7 +277,7 @@ def write_model(
         raise FileNotFoundError(f"ONNX file {onnx_path} does not exist")
     if validate:
         check_onnx(onnx_path, inputs, outputs, max_batch_size)
-    digest = _sha256(onnx_path)
+    digest = sha256_file(onnx_path)
     config = render_config(
         name,
         inputs=inputs,
@@ -342,14 +343,6 @@ def write_model(
             raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _copy(src: Path, dst: Path) -> None:
