@@ -109,3 +109,18 @@ def test_sigterm_drains_in_flight_requests_then_exits(tmp_path, photos):
     assert server.proc.wait(timeout=60) == 0
     assert "stopped" in server.log()
     server.stop()
+
+
+def test_port_in_use_is_a_clear_startup_error():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "vision.cli", "serve", "--port", str(port), "--metrics-port", "0"],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode == 1
+    assert f"cannot bind gRPC on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr

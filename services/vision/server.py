@@ -102,10 +102,19 @@ async def serve(
         ],
         server,
     )
-    port = server.add_insecure_port(_hostport(settings.host, settings.port))
+    address = _hostport(settings.host, settings.port)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio reports a failed bind as RuntimeError
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind gRPC on {_hostport(settings.host, settings.port)} (in use?)")
-    metrics_httpd, metrics_port = serve_metrics(settings.host, settings.metrics_port)
+        await repository.close()
+        raise OSError(f"cannot bind gRPC on {address}: is another server using that port? (--port 0 picks a free one)")
+    try:
+        metrics_httpd, metrics_port = serve_metrics(settings.host, settings.metrics_port)
+    except OSError as exc:
+        await repository.close()
+        raise OSError(f"cannot bind metrics on {_hostport(settings.host, settings.metrics_port)}: {exc.strerror}") from None
     await server.start()
     status = await _update_health(health, repository, service_names, None)
     health_task = asyncio.get_running_loop().create_task(_track_health(health, repository, service_names, status))
