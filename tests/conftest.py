@@ -109,7 +109,9 @@ def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The embedded default (EfficientNet-Lite0, real ImageNet weights), shared by the whole session."""
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    proc = ServerProcess(["--max-image-bytes", "3000000", "--max-images-per-request", "32"], log).wait_ready()
+    proc = ServerProcess(
+        ["--max-image-bytes", "3000000", "--max-images-per-request", "32", "--max-request-bytes", "40000000"], log
+    ).wait_ready()
     yield proc
     proc.stop()
 

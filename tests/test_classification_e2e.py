@@ -165,6 +165,9 @@ BAD_REQUESTS = {
     "unknown-version": (
         lambda p: classify_request(p["coffee.jpg"], model="efficientnet_lite0", version="7"), grpc.StatusCode.NOT_FOUND, "no version '7'",
     ),
+    "request-over-size-limit": (
+        lambda p: classify_request(*[b"\xff\xd8" + bytes(2_900_000)] * 14), grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max",
+    ),
     "empty-batch": (lambda p: classify_request(), grpc.StatusCode.INVALID_ARGUMENT, "no images"),
     "oversize-batch": (lambda p: classify_request(*[p["coffee.jpg"]] * 33), grpc.StatusCode.RESOURCE_EXHAUSTED, "limit of 32"),
 }

@@ -42,7 +42,7 @@ def _hostport(host: str, port: int) -> str:
 
 def _grpc_options(settings: ServeSettings) -> list[tuple[str, int]]:
     return [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         # Reject a second server on the same port instead of silently sharing it.
         ("grpc.so_reuseport", 0),
@@ -87,7 +87,7 @@ async def serve(
         max_images_per_request=settings.max_images_per_request,
         decode_workers=settings.decode_workers,
     )
-    server = grpc.aio.server(options=_grpc_options(settings))
+    server = grpc.aio.server(options=_grpc_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
     classification_pb2_grpc.add_ClassificationServicer_to_server(ClassificationServicer(dataplane), server)
     tagging_pb2_grpc.add_TaggingServicer_to_server(TaggingServicer(dataplane), server)
     health = health_aio.HealthServicer()

@@ -103,6 +103,14 @@ class ServeSettings(BaseSettings):
     max_images_per_request: int = Field(64, ge=1, description="Images in one RPC.")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Encoded size limit per image.")
     max_image_pixels: int = Field(40_000_000, ge=64, description="Width*height limit per image.")
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024,
+        description="Whole request size; larger requests are refused by gRPC with RESOURCE_EXHAUSTED before "
+        "they are buffered (bounds memory per RPC).",
+    )
+    max_concurrent_rpcs: int = Field(
+        512, ge=1, description="RPCs handled at once; more are refused with RESOURCE_EXHAUSTED (bounds memory)."
+    )
     decode_workers: int = Field(_CPUS, ge=1, description="Threads decoding and preprocessing images.")
     grace_seconds: float = Field(10.0, ge=0, description="On SIGTERM, how long in-flight RPCs may finish.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -124,7 +132,8 @@ class ServeSettings(BaseSettings):
             seen.add(key)
         return self
 
-    @property
-    def max_message_bytes(self) -> int:
-        # A full batch of maximum-size images plus protobuf framing.
-        return self.max_images_per_request * self.max_image_bytes + (1 << 20)
+    @model_validator(mode="after")
+    def _request_fits_one_image(self) -> "ServeSettings":
+        if self.max_request_bytes < self.max_image_bytes:
+            raise ValueError("max_request_bytes must be at least max_image_bytes")
+        return self
