@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from loadtest.harness import RunResult, SpawnedServer, raw_model, raw_run, service_run
+from loadtest.harness import LoadtestError, RunResult, SpawnedServer, error_summary, raw_model, raw_run, read_image, service_run
+from vision.settings import available_cpus
 
 
 def print_result(result: RunResult) -> None:
@@ -39,24 +39,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,16", help="comma-separated client counts (default 1,16)")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per run (default 20)")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each run (default 3)")
-    parser.add_argument("--images-per-request", type=int, default=1)
+    parser.add_argument("--images-per-request", type=int, default=1, help="images in each Classify request (default 1)")
     parser.add_argument("--model", default="", help="model name (default: the server's default)")
     parser.add_argument("--weights", type=Path, help="weights file for the raw baseline (default: bundled)")
-    parser.add_argument("--batch-size", type=int, default=16, help="raw baseline batch size; match --max-batch-size")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="raw baseline engine threads")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="raw baseline batch size; match the server's --max-batch-size (default 16)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=available_cpus(), help="raw baseline engine threads (default: available CPUs, %(default)s here)"
+    )
     parser.add_argument("--no-raw", action="store_true", help="skip the in-process baseline")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `vision serve` argument when spawning")
     parser.add_argument("--json", type=Path, help="also write all results here")
     args = parser.parse_args(argv)
 
-    image = args.image.read_bytes()
+    image = read_image(parser.prog, args.image)
+    if image is None:
+        return 2
     spawned = None if args.target else SpawnedServer(args.serve_arg)
     target = args.target or spawned.target  # type: ignore[union-attr]
     results: list[RunResult] = []
     try:
         raw: dict[int, RunResult] = {}
         if not args.no_raw:
-            forward, preset, info = raw_model(target, args.model, args.weights, args.threads)
+            try:
+                forward, preset, info = raw_model(target, args.model, args.weights, args.threads)
+            except LoadtestError as exc:
+                print(f"{parser.prog}: {exc}", file=sys.stderr)
+                return 2
             print(f"raw baseline: {info.name}:{info.version} ({info.architecture}, engine {info.backend}, {args.threads} threads)")
             for bs in sorted({1, args.batch_size}):
                 raw[bs] = raw_run(forward, preset, image, bs, args.duration, args.warmup)
@@ -80,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         payload = {"results": [asdict(r) for r in results], "rss_mib": spawned.rss_samples if spawned else []}
         args.json.write_text(json.dumps(payload, indent=2))
-    return 0
+    return error_summary(parser.prog, results)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from loadtest.harness import RunResult, SpawnedServer, raw_model, raw_run, scrape_sums, service_run, stage_breakdown
+from loadtest.harness import (
+    RunResult,
+    SpawnedServer,
+    error_summary,
+    raw_model,
+    raw_run,
+    read_image,
+    scrape_sums,
+    service_run,
+    stage_breakdown,
+)
+from vision.settings import available_cpus
 
 
 def _row(label: str, r: RunResult, stages: dict[str, float] | None) -> str:
@@ -37,15 +47,24 @@ def _row(label: str, r: RunResult, stages: dict[str, float] | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.compare_backends", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", type=Path, required=True)
-    parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--duration", type=float, default=15.0)
-    parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--backends", default="torch,onnxruntime,triton,triton-shm")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--image", type=Path, required=True, help="image sent in every request")
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (default 1,4,16)")
+    parser.add_argument("--duration", type=float, default=15.0, help="measured seconds per run (default 15)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each run (default 3)")
+    parser.add_argument(
+        "--backends", default="torch,onnxruntime,triton,triton-shm",
+        help="comma-separated configurations (default torch,onnxruntime,triton,triton-shm)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=available_cpus(),
+        help="engine threads of each server and the raw baseline (default: available CPUs, %(default)s here)",
+    )
+    parser.add_argument("--json", type=Path, help="also write all results here")
     args = parser.parse_args(argv)
-    image = args.image.read_bytes()
+    image = read_image(parser.prog, args.image)
+    if image is None:
+        return 2
+    all_runs: list[RunResult] = []
     levels = [int(c) for c in args.concurrency.split(",")]
     rows: list[str] = []
     results: list[dict] = []
@@ -54,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in levels:
             before = scrape_sums(server.metrics_url)
             r = asyncio.run(service_run(server.target, image, c, args.duration, args.warmup, 1, ""))
+            all_runs.append(r)
             stages = stage_breakdown(before, scrape_sums(server.metrics_url))
             rows.append(_row(label, r, stages))
             results.append({"label": label, **asdict(r), "stages": stages})
@@ -106,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(row)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    return 0
+    return error_summary(parser.prog, all_runs)
 
 
 if __name__ == "__main__":

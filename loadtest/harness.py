@@ -19,6 +19,16 @@ import numpy as np
 from vision.v1 import classification_pb2, classification_pb2_grpc, common_pb2
 
 
+class LoadtestError(Exception):
+    """A load test cannot run as asked (unknown model, ...); the message says why."""
+
+
+# Backoff after a failed RPC: 10 ms, doubling on each consecutive error up to 200 ms, so a dead or refusing
+# target is not hammered in a tight loop (and the error counts stay meaningful).
+ERROR_BACKOFF_S = 0.01
+ERROR_BACKOFF_MAX_S = 0.2
+
+
 @dataclass
 class RunResult:
     mode: str
@@ -39,6 +49,28 @@ def _percentiles(latencies: list[float]) -> tuple[float, float, float]:
     return float(p50), float(p90), float(p99)
 
 
+def read_image(prog: str, path: Path) -> bytes | None:
+    """The payload image's bytes, or None after printing `PROG: cannot read PATH: reason`."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        print(f"{prog}: cannot read --image {path}: {exc.strerror or exc}", file=sys.stderr)
+        return None
+
+
+def error_summary(prog: str, results: list[RunResult]) -> int:
+    """0 when no run had errors; else 1 after printing one line with the failed runs and error codes."""
+    failed = [r for r in results if r.errors]
+    if not failed:
+        return 0
+    codes: Counter[str] = Counter()
+    for r in failed:
+        codes.update(r.errors)
+    detail = ", ".join(f"{k}={v}" for k, v in codes.most_common())
+    print(f"{prog}: {len(failed)} of {len(results)} runs had errors ({detail})", file=sys.stderr, flush=True)
+    return 1
+
+
 async def service_run(target: str, image: bytes, concurrency: int, duration: float, warmup: float, images_per_request: int, model: str) -> RunResult:
     request = classification_pb2.ClassifyRequest(
         model=common_pb2.ModelSelector(name=model),
@@ -57,15 +89,19 @@ async def service_run(target: str, image: bytes, concurrency: int, duration: flo
 
     async def client(i: int) -> None:
         stub = stubs[i % len(stubs)]
+        consecutive_errors = 0
         while (now := time.perf_counter()) < stop_at:
             try:
                 await stub.Classify(request, timeout=60)
-                ok = True
             except grpc.aio.AioRpcError as exc:
-                ok = False
                 if now >= measure_from:
                     errors[exc.code().name] += 1
-            if now >= measure_from and ok:
+                delay = min(ERROR_BACKOFF_MAX_S, ERROR_BACKOFF_S * 2**consecutive_errors)
+                consecutive_errors += 1
+                await asyncio.sleep(min(delay, max(0.0, stop_at - time.perf_counter())))
+                continue
+            consecutive_errors = 0
+            if now >= measure_from:
                 latencies.append(time.perf_counter() - now)
 
     await asyncio.gather(*(client(i) for i in range(concurrency)))
@@ -83,7 +119,12 @@ def raw_model(target: str, model_name: str, weights: Path | None, threads: int):
 
     with grpc.insecure_channel(target) as channel:
         infos = classification_pb2_grpc.ClassificationStub(channel).ListModels(common_pb2.ListModelsRequest(), timeout=30).models
-    info = next((m for m in infos if m.name == model_name), infos[0]) if model_name else infos[0]
+    if not infos:
+        raise LoadtestError(f"{target} serves no classification models")
+    info = next((m for m in infos if m.name == model_name), None) if model_name else infos[0]
+    if info is None:
+        names = ", ".join(sorted({m.name for m in infos}))
+        raise LoadtestError(f"model {model_name!r} is not served by {target}; served models: {names}")
     settings = ServeSettings(
         backend=info.backend,
         threads=threads,

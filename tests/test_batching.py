@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vision.backends.batching import BatchStats, DynamicBatcher
-from vision.errors import ResourceExhausted
+from vision.errors import ResourceExhausted, Unavailable
 
 
 class RecordingModel:
@@ -116,4 +116,56 @@ async def test_cancelled_request_is_skipped():
     await blocker
     assert (after["y"] == 11).all()
     assert len(model.sizes) == 2  # the cancelled request never ran
+    await batcher.close()
+
+
+async def test_close_fails_the_running_batch_instead_of_leaving_it_pending():
+    model = RecordingModel(delay=0.3)
+    batcher = DynamicBatcher(model, max_batch_size=4)
+    running = asyncio.ensure_future(batcher.submit(rows(1)))
+    await asyncio.sleep(0.05)  # the worker has popped it and is inside the forward pass
+    await batcher.close()
+    with pytest.raises(Unavailable, match="shutting down"):
+        await asyncio.wait_for(running, 2)
+
+
+async def test_a_bug_outside_the_forward_pass_fails_the_batch_and_keeps_the_worker():
+    calls = []
+
+    def broken_hook(stats: BatchStats) -> None:
+        calls.append(stats)
+        if len(calls) == 1:
+            raise RuntimeError("metrics hook bug")
+
+    batcher = DynamicBatcher(RecordingModel(delay=0), max_batch_size=4, on_batch=broken_hook)
+    first = await batcher.submit(rows(1))  # answered before the hook runs
+    assert (first["y"] == 3).all()
+    second = await asyncio.wait_for(batcher.submit(rows(2)), 2)
+    assert (second["y"] == 5).all() and batcher.alive()
+    await batcher.close()
+
+
+async def test_short_model_output_is_an_error_not_someone_elses_rows():
+    def short(x: np.ndarray) -> dict[str, np.ndarray]:
+        return {"y": x[:-1]}
+
+    batcher = DynamicBatcher(short, max_batch_size=8)
+    results = await asyncio.gather(*(batcher.submit(rows(float(i))) for i in range(4)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) and "rows" in str(r) for r in results)
+    await batcher.close()
+
+
+async def test_withdrawn_requests_stop_counting_against_the_queue_at_once():
+    model = RecordingModel(delay=0.3)
+    batcher = DynamicBatcher(model, max_batch_size=1, max_queue_images=3)
+    blocker = asyncio.ensure_future(batcher.submit(rows(0)))
+    await asyncio.sleep(0.05)
+    doomed = [asyncio.ensure_future(batcher.submit(rows(9))) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    for task in doomed:
+        task.cancel()
+    await asyncio.sleep(0)
+    ok = await asyncio.wait_for(batcher.submit(rows(4, 3)), 5)  # would be "queue full" if they still counted
+    assert (ok["y"] == 9).all()
+    await blocker
     await batcher.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 import zlib
 
 import grpc
@@ -183,12 +184,24 @@ def test_bad_request_gets_documented_status_and_server_keeps_serving(classifier,
     assert top1(classifier.Classify(classify_request(photos["coffee.jpg"]), timeout=60)) == 967
 
 
-def test_deadline_is_honoured(classifier, photos):
+def test_deadline_is_honoured_by_the_server(classifier, server, photos):
+    """The client library enforces its own deadline, so check the server's side: it records the RPC as
+    DEADLINE_EXCEEDED and drops the work (the 32 images never reach a forward pass)."""
+    labels = {"model": "efficientnet_lite0", "version": "1"}
+    ran_before = metric_value(scrape(server.metrics_url), "vision_inference_batch_size_sum", **labels)
+    expired = {"service": "vision.v1.Classification", "method": "Classify", "code": "DEADLINE_EXCEEDED"}
+    expired_before = metric_value(scrape(server.metrics_url), "vision_requests_total", **expired)
     request = classify_request(*[photos["coffee.png"]] * 32)
     with pytest.raises(grpc.RpcError) as info:
         classifier.Classify(request, timeout=0.05)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while metric_value(scrape(server.metrics_url), "vision_requests_total", **expired) <= expired_before:
+        assert time.monotonic() < deadline, "the server never recorded the expired RPC"
+        time.sleep(0.05)
     assert top1(classifier.Classify(classify_request(photos["coffee.jpg"]), timeout=60)) == 967
+    ran = metric_value(scrape(server.metrics_url), "vision_inference_batch_size_sum", **labels) - ran_before
+    assert ran < 32, f"{ran:.0f} images were inferred for an RPC whose caller had given up"
 
 
 # --- batching, isolation, metrics, health, reflection --------------------------------------------------
@@ -202,22 +215,27 @@ def test_concurrent_clients_are_batched_and_get_their_own_answers(classifier, se
     clients = 16
     barrier = threading.Barrier(clients)
     answers: dict[int, tuple[str, int]] = {}
+    failures: list[BaseException] = []
 
     def client(i: int) -> None:
         name = names[i % len(names)]
         barrier.wait()
-        for _ in range(3):
-            response = classifier.Classify(classify_request(photos[name], top_k=1), timeout=60)
-            assert response.results[0].image_id == "img0"
-            answers[i] = (name, top1(response))
-            if answers[i][1] != expected[name]:
-                return
+        try:
+            for _ in range(3):
+                response = classifier.Classify(classify_request(photos[name], top_k=1), timeout=60)
+                assert response.results[0].image_id == "img0"
+                answers[i] = (name, top1(response))
+                if answers[i][1] != expected[name]:
+                    return
+        except BaseException as exc:  # surfaced below: an assert in a thread would not fail the test
+            failures.append(exc)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not failures, failures
     assert len(answers) == clients
     assert all(got == expected[name] for name, got in answers.values()), answers
     after = scrape(server.metrics_url)

@@ -81,3 +81,13 @@ def test_corrupt_onnx_file_is_refused(tmp_path):
     bad.write_bytes(b"not a protobuf")
     with pytest.raises(ConfigurationError, match="ONNX Runtime cannot load"):
         OnnxRuntimeBackend(bad)
+
+
+def test_onnx_file_that_does_not_fit_the_labels_is_a_startup_error(tmp_path):
+    module = run_on_torch_thread(create_model, "resnet50", num_classes=5)
+    onnx = run_on_torch_thread(lambda: export_onnx(module, tmp_path / "five.onnx", crop_size=224)).path
+    labels = _labels(tmp_path, 3)
+    settings = ServeSettings(onnx_cache=tmp_path / "cache")
+    config = ModelConfig(arch="resnet50", labels=str(labels), onnx=onnx)
+    with pytest.raises(ConfigurationError, match=r"shape \(1, 5\).*\(1, 3\)"):
+        run_on_torch_thread(load_model, config, settings)

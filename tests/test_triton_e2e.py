@@ -79,6 +79,15 @@ def test_classification_through_triton(triton_stack, photos):
     assert info.backend == "triton"
 
 
+def test_requests_larger_than_tritons_max_batch_are_split(triton_stack, photos):
+    stub = _stub(triton_stack["service"].address)
+    images = [photos["coffee.jpg"], photos["chelsea.png"], photos["rocket.jpg"]] * 7  # 21 > max_batch_size 16
+    response = stub.Classify(classify_request(*images, top_k=1), timeout=120)
+    tops = [r.predictions[0].index for r in response.results]
+    assert len(tops) == 21
+    assert tops[0::3] == [967] * 7 and tops[2::3] == [657] * 7 and all(t in range(281, 286) for t in tops[1::3])
+
+
 def test_triton_logits_equal_in_process_logits(triton_stack):
     import onnxruntime as ort
     import tritonclient.grpc as triton_grpc

@@ -5,6 +5,8 @@
     vision tag coffee.jpg                # client: tag images (multi-label + hierarchy) through a running server
     vision eval-tags DATASET             # client: multi-label metrics of the Tagging service on labelled images
     vision models                        # client: list served models
+    vision export-triton --model efficientnet_lite0 --repository repo  # ONNX model + config.pbtxt for Triton
+    vision triton --repository repo      # local tritonserver on 127.0.0.1 (sets its runtime up on first use)
     vision loadtest --help               # closed-loop load generator and raw-model baseline
 """
 
@@ -24,7 +26,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per ServeSettings field, so flags, env vars and validation share one definition."""
-    from vision.settings import ServeSettings
+    from vision.settings import ModelConfig, ServeSettings
 
     for name, field in ServeSettings.model_fields.items():
         if name == "models":
@@ -42,8 +44,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="SPEC",
         help="Serve a model (repeatable): an architecture name, or key=value pairs, e.g. "
-        "'arch=resnet50,weights=/w/r50.pt,version=2,labels=/w/labels.txt,name=r50'. Keys: arch, name, version, "
-        "weights, labels, preset, num_classes, task, hierarchy, thresholds (see docs/tagging.md). [env VISION_MODELS as a JSON list; default efficientnet_lite0]",
+        "'arch=resnet50,weights=/w/r50.pt,version=2,labels=/w/labels.txt,name=r50'. "
+        f"Keys: {', '.join(ModelConfig.model_fields)} (see docs/tagging.md for the tagging ones). "
+        "[env VISION_MODELS as a JSON list; default efficientnet_lite0]",
     )
 
 
@@ -80,8 +83,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_images(paths: Sequence[Path]) -> list[tuple[str, bytes]]:
-    return [(str(p), p.read_bytes()) for p in paths]
+def _read_images(command: str, paths: Sequence[Path]) -> list[tuple[str, bytes]] | None:
+    """(name, bytes) per path; None (after printing `vision COMMAND: cannot read PATH: reason`) if one fails."""
+    images = []
+    for p in paths:
+        try:
+            images.append((str(p), p.read_bytes()))
+        except OSError as exc:
+            print(f"vision {command}: cannot read {p}: {exc.strerror or exc}", file=sys.stderr)
+            return None
+    return images
 
 
 def _rpc_error(exc: Exception, target: str) -> int:
@@ -115,12 +126,14 @@ def _printed_json(args: argparse.Namespace, response: object) -> bool:
 
 
 def _classify(args: argparse.Namespace) -> int:
-
     from vision.v1 import classification_pb2, classification_pb2_grpc, common_pb2
 
+    images = _read_images("classify", args.images)
+    if images is None:
+        return 2
     request = classification_pb2.ClassifyRequest(
         model=common_pb2.ModelSelector(name=args.model or "", version=args.version or ""),
-        images=[common_pb2.Image(id=name, content=data) for name, data in _read_images(args.images)],
+        images=[common_pb2.Image(id=name, content=data) for name, data in images],
         top_k=args.top_k,
     )
     response = _unary(args, classification_pb2_grpc.ClassificationStub, "Classify", request)
@@ -151,10 +164,12 @@ def _tag_request(args: argparse.Namespace, images: Sequence[tuple[str, bytes]], 
 
 
 def _tag(args: argparse.Namespace) -> int:
-
     from vision.v1 import tagging_pb2_grpc
 
-    request = _tag_request(args, _read_images(args.images))
+    images = _read_images("tag", args.images)
+    if images is None:
+        return 2
+    request = _tag_request(args, images)
     response = _unary(args, tagging_pb2_grpc.TaggingStub, "Tag", request)
     if response is None or _printed_json(args, response):
         return 0 if response is not None else 1
@@ -367,8 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--model", required=True, metavar="SPEC", help="architecture name or key=value spec, as `vision serve --model`")
     export.add_argument("--repository", type=Path, required=True, help="Triton model repository directory")
-    export.add_argument("--weights", type=Path, help="weights file (default: bundled weights, if any)")
-    export.add_argument("--version", help="integer version folder (default 1)")
+    export.add_argument(
+        "--weights", type=Path,
+        help="weights file; overrides the spec's weights= key (default: the spec's, else bundled weights, if any)",
+    )
+    export.add_argument(
+        "--version", help="integer version folder; overrides the spec's version= key (default: the spec's, else 1)"
+    )
     export.add_argument(
         "--flavour",
         choices=["cpu-python", "gpu-onnxruntime"],
@@ -376,10 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="gpu-onnxruntime: Triton's onnxruntime backend on KIND_GPU (production); cpu-python: the python "
         "backend running the same ONNX file with onnxruntime on KIND_CPU (what the local Triton here can run)",
     )
-    export.add_argument("--max-batch-size", type=int, default=16)
-    export.add_argument("--preferred-batch-sizes", default="4,8,16", help="dynamic_batching preferred sizes")
-    export.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic_batching max queue delay")
-    export.add_argument("--instances", type=int, default=1, help="instance_group count")
+    export.add_argument(
+        "--max-batch-size", type=int, default=16, help="config.pbtxt max_batch_size: largest batch Triton forms (default 16)"
+    )
+    export.add_argument("--preferred-batch-sizes", default="4,8,16", help="dynamic_batching preferred sizes (default 4,8,16)")
+    export.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic_batching max queue delay (default 2000)")
+    export.add_argument("--instances", type=int, default=1, help="instance_group count (default 1)")
     export.add_argument("--tensorrt", action="store_true", help="gpu flavour: add the TensorRT accelerator (FP16)")
     export.set_defaults(func=_export_triton)
 

@@ -67,22 +67,24 @@ class DataPlane:
         return array
 
     async def load_images(self, model: ServedModel, images: Sequence[EncodedImage]) -> np.ndarray:
-        """(N, C, H, W) float32 for the model's preset; the first bad image fails the call, naming its index."""
+        """(N, C, H, W) float32 for the model's preset; the first bad image fails the call, naming its index,
+        and the decodes not started yet are cancelled (a bad request should not keep the pool busy)."""
         self.check_batch(images)
         loop = asyncio.get_running_loop()
-        if len(images) == 1:
-            arrays = [await loop.run_in_executor(self._pool, self._load_one, model, 0, images[0])]
-        else:
-            arrays = await asyncio.gather(
-                *(loop.run_in_executor(self._pool, self._load_one, model, i, img) for i, img in enumerate(images))
-            )
-        return np.stack(arrays)
+        futures = [loop.run_in_executor(self._pool, self._load_one, model, i, img) for i, img in enumerate(images)]
+        try:
+            done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+            for future in futures:  # in request order, so the lowest failed index is reported
+                if future in done and future.exception() is not None:
+                    raise future.exception()  # type: ignore[misc]
+            return np.stack([f.result() for f in futures])
+        finally:
+            for future in futures:
+                future.cancel()
 
-    async def run(
-        self, model_name: str, version: str, task: str, images: Sequence[EncodedImage], service: str
-    ) -> tuple[ServedModel, Outputs]:
-        model = self.repository.get(model_name, version, task=task)
+    async def run(self, model: ServedModel, images: Sequence[EncodedImage], service: str) -> Outputs:
+        """Decode, preprocess and infer `images` with `model` (found by the servicer via `repository.get`)."""
         batch = await self.load_images(model, images)
         outputs = await model.infer(batch)
         metrics.IMAGES.labels(service=service, model=model.card.name, version=model.card.version).inc(len(images))
-        return model, outputs
+        return outputs

@@ -36,10 +36,6 @@ class ExportedModel:
     max_abs_diff: float
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("VISION_ONNX_CACHE", Path.home() / ".cache" / "vision-serving" / "onnx"))
-
-
 def cache_key(arch: str, num_classes: int, weights_sha256: str, crop_size: int) -> str:
     import torch
 

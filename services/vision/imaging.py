@@ -161,17 +161,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resize_center_crop(img: Image.Image, resize_shorter: int, crop_size: int) -> Image.Image:
-    """torchvision's Resize(shorter) + CenterCrop(crop) on a PIL image, same sizes and rounding."""
+    """torchvision's Resize(shorter) + CenterCrop(crop) on a PIL image, same sizes and rounding.
+
+    Only the crop is resampled (`box=`): Pillow's filter still reads the source pixels around the box, so the
+    result equals resizing everything and then cropping, but the work and memory no longer grow with the
+    long side (an 8×1,000,000 PNG would otherwise be resized to 256×32,000,000 first).
+    """
     width, height = img.size
     if width <= height:
         new_w, new_h = resize_shorter, int(resize_shorter * height / width)
     else:
         new_w, new_h = int(resize_shorter * width / height), resize_shorter
-    if (new_w, new_h) != (width, height):
-        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
     top = int(round((new_h - crop_size) / 2.0))
     left = int(round((new_w - crop_size) / 2.0))
-    return img.crop((left, top, left + crop_size, top + crop_size))
+    scale_x, scale_y = width / new_w, height / new_h
+    box = (left * scale_x, top * scale_y, (left + crop_size) * scale_x, (top + crop_size) * scale_y)
+    return img.resize((crop_size, crop_size), Image.Resampling.BILINEAR, box=box)
 
 
 def preprocess(img: Image.Image, preset: Preset) -> np.ndarray:

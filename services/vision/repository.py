@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vision import metrics
-from vision.backends import BatchingConfig, InferenceBackend, Outputs
+from vision.backends import LOGITS, BatchingConfig, InferenceBackend, Outputs
 from vision.backends.batching import BatchStats
 from vision.errors import ConfigurationError, NotFound
 from vision.imaging import Preset, get_preset
@@ -172,8 +172,31 @@ def load_model(config: ModelConfig, settings: ServeSettings) -> ServedModel:
         tagger=_load_tagger(config, defaults.task, labels, config.labels or defaults.labels),
     )
     backend = _build_backend(config, settings, card, num_classes, weights)
+    _check_outputs(backend, card, num_classes)
     metrics.record_model(card.name, card.version, card.architecture, backend.kind, card.weights_sha256)
     return ServedModel(card, backend)
+
+
+def _check_outputs(backend: InferenceBackend, card: ModelCard, num_classes: int) -> None:
+    """One forward pass on a blank image before serving: a model whose outputs don't match its labels
+    (wrong pre-exported ONNX file, wrong head) is a start-up error, not INTERNAL on every request. It also
+    warms the engine up, so the first caller doesn't pay for lazy initialisation."""
+    forward = getattr(backend, "forward", None)
+    if forward is None:  # remote engines: checked by the engine itself (Triton validates at load time)
+        return
+    size = card.preset.crop_size
+    try:
+        outputs = forward(np.zeros((1, 3, size, size), dtype=np.float32))
+    except Exception as exc:
+        raise ConfigurationError(f"model {card.name!r} fails on a {size}x{size} input: {exc}") from None
+    logits = outputs.get(LOGITS)
+    if logits is None:
+        raise ConfigurationError(f"model {card.name!r} has no {LOGITS!r} output (it has {sorted(outputs)})")
+    if logits.shape != (1, num_classes):
+        raise ConfigurationError(
+            f"model {card.name!r} outputs {LOGITS!r} of shape {tuple(logits.shape)} for one image; "
+            f"its labels need (1, {num_classes})"
+        )
 
 
 def _build_backend(

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import grpc
 
 from vision import metrics
+from vision.backends.base import request_deadline
 from vision.errors import VisionError
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+
+_INTERNAL_MESSAGE = "internal error; the server log has the details"
 
 
 def status_of(error: VisionError) -> grpc.StatusCode:
@@ -41,10 +45,16 @@ def rpc_method(service: str, method: str) -> Callable[[Handler], Handler]:
             message = ""
             started = time.perf_counter()
             in_flight.inc()
+            remaining = context.time_remaining()
+            request_deadline.set(time.monotonic() + remaining if remaining is not None else None)
             try:
                 return await fn(self, request, context)
             except VisionError as exc:
                 code, message = status_of(exc), str(exc)
+                if code == grpc.StatusCode.INTERNAL:
+                    # Our fault, not the caller's: details go to the log, never into the response.
+                    log.error("%s/%s failed: %s", service, method, exc, exc_info=exc)
+                    message = _INTERNAL_MESSAGE
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
                 expired = remaining is not None and remaining <= 0
@@ -55,7 +65,7 @@ def rpc_method(service: str, method: str) -> Callable[[Handler], Handler]:
                 raise
             except Exception:
                 log.exception("%s/%s failed", service, method)
-                code, message = grpc.StatusCode.INTERNAL, "internal error; the server log has the details"
+                code, message = grpc.StatusCode.INTERNAL, _INTERNAL_MESSAGE
             finally:
                 in_flight.dec()
                 latency.observe(time.perf_counter() - started)

@@ -15,7 +15,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vision.errors import ConfigurationError
 
-_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (cgroup/affinity aware where the OS says), the default thread count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_CPUS = available_cpus()
 
 
 class ModelConfig(BaseModel):
@@ -109,7 +116,9 @@ class ServeSettings(BaseSettings):
         "they are buffered (bounds memory per RPC).",
     )
     max_concurrent_rpcs: int = Field(
-        512, ge=1, description="RPCs handled at once; more are refused with RESOURCE_EXHAUSTED (bounds memory)."
+        64, ge=1,
+        description="RPCs handled at once; more are refused with RESOURCE_EXHAUSTED. Worst-case request memory is "
+        "this times max_request_bytes (4 GiB with the defaults).",
     )
     decode_workers: int = Field(_CPUS, ge=1, description="Threads decoding and preprocessing images.")
     grace_seconds: float = Field(10.0, ge=0, description="On SIGTERM, how long in-flight RPCs may finish.")
@@ -136,4 +145,7 @@ class ServeSettings(BaseSettings):
     def _request_fits_one_image(self) -> "ServeSettings":
         if self.max_request_bytes < self.max_image_bytes:
             raise ValueError("max_request_bytes must be at least max_image_bytes")
+        if self.max_queue_images < self.max_images_per_request:
+            # Otherwise a full-size request could never be queued and would get "retry" forever.
+            raise ValueError("max_queue_images must be at least max_images_per_request")
         return self

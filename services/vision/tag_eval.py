@@ -21,13 +21,14 @@ Tags that match no dataset label are ignored: metrics are over the dataset's lab
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from vision.files import sha256_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
@@ -73,7 +74,7 @@ def _load_folder(root: Path) -> TagDataset:
         for file in sorted(folder.iterdir()):
             if not file.is_file() or file.name.startswith(".") or file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            digest = hashlib.sha256(file.read_bytes()).hexdigest()
+            digest = sha256_file(file)
             by_digest.setdefault(digest, (file, set()))[1].add(column)
     if not by_digest:
         raise DatasetError(f"{root}: no images in its label subfolders ({', '.join(IMAGE_SUFFIXES)})")

@@ -8,6 +8,7 @@ model (a pooled descriptor, a conv feature map), which is why outputs are a mapp
 from __future__ import annotations
 
 import abc
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,10 @@ import numpy as np
 Outputs = dict[str, np.ndarray]
 
 LOGITS = "logits"
+
+# time.monotonic() by which the current RPC's caller gives up (None: no deadline). Set once per RPC by the
+# transport layer; remote backends bound their waits and retries by it.
+request_deadline: ContextVar[float | None] = ContextVar("request_deadline", default=None)
 
 
 @dataclass(frozen=True)

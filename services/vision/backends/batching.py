@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import concurrent.futures
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vision.backends.base import BatchingConfig, Outputs
 from vision.errors import ResourceExhausted, Unavailable
 
-if TYPE_CHECKING:
-    from vision.backends.base import BatchingConfig
+log = logging.getLogger(__name__)
 
-Outputs = dict[str, np.ndarray]
 RunBatch = Callable[[np.ndarray], Outputs]
 
 
@@ -33,6 +32,8 @@ class _Pending:
     inputs: np.ndarray
     future: asyncio.Future[Outputs]
     enqueued: float
+    # Still counted in the queue depth (a withdrawn request stops counting at once, not when popped).
+    counted: bool = True
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class DynamicBatcher:
         )
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        # The batch the worker is running now, so close() can fail it instead of leaving callers waiting.
+        self._running: list[_Pending] = []
 
     def start(self) -> None:
         if self._task is None:
@@ -83,16 +86,17 @@ class DynamicBatcher:
 
     async def close(self) -> None:
         self._closed = True
+        running = list(self._running)  # cancelling the worker clears it
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for pending in self._queue:
-            if not pending.future.done():
-                pending.future.set_exception(Unavailable("model is shutting down"))
+        for pending in [*self._queue, *running]:
+            _resolve(pending.future, exc=Unavailable("model is shutting down"))
         self._queue.clear()
+        self._running = []
         if self._owns_executor:
             self._executor.shutdown(wait=True)
 
@@ -108,27 +112,39 @@ class DynamicBatcher:
                 f"inference queue is full ({self._queued_images} images waiting, limit {self._max_queue}); "
                 "retry with backoff"
             )
+        if not self.alive():
+            raise Unavailable("the inference worker has stopped; see the server log")
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         chunks = [inputs[i : i + self._max_batch] for i in range(0, n, self._max_batch)]
-        futures = []
-        for chunk in chunks:
-            pending = _Pending(chunk, loop.create_future(), now)
-            self._queue.append(pending)
-            futures.append(pending.future)
+        pendings = [_Pending(chunk, loop.create_future(), now) for chunk in chunks]
+        self._queue.extend(pendings)
+        futures = [p.future for p in pendings]
         self._queued_images += n
         self._report_depth()
         self._wakeup.set()
         try:
             results = await asyncio.gather(*futures)
         except BaseException:
-            # Cancelled (deadline, client gone) or failed: withdraw our still-queued chunks.
-            for fut in futures:
-                fut.cancel()
+            # Cancelled (deadline, client gone) or failed: withdraw our still-queued chunks now, so they
+            # neither run nor count against the queue limit.
+            for pending in pendings:
+                pending.future.cancel()
+                self._uncount(pending)
+            self._report_depth()
             raise
         if len(results) == 1:
             return results[0]
         return {key: np.concatenate([r[key] for r in results]) for key in results[0]}
+
+    def alive(self) -> bool:
+        """False once the worker task has ended (it only ends on close, or on a bug it logged)."""
+        return self._task is None or not self._task.done()
+
+    def _uncount(self, pending: _Pending) -> None:
+        if pending.counted:
+            pending.counted = False
+            self._queued_images -= len(pending.inputs)
 
     def _report_depth(self) -> None:
         if self._on_queue_depth is not None:
@@ -137,7 +153,7 @@ class DynamicBatcher:
     def _pop_live(self) -> _Pending | None:
         while self._queue:
             pending = self._queue.popleft()
-            self._queued_images -= len(pending.inputs)
+            self._uncount(pending)
             if not pending.future.done():
                 return pending
         return None
@@ -173,30 +189,41 @@ class DynamicBatcher:
         return batch
 
     async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
-            batch = [p for p in batch if not p.future.done()]
-            if not batch:
+            self._running = [p for p in batch if not p.future.done()]
+            if not self._running:
                 continue
-            started = time.perf_counter()
-            inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run_batch, inputs)
-            except Exception as exc:
-                if len(batch) == 1:
-                    _resolve(batch[0].future, exc=exc)
-                else:
-                    await self._run_individually(batch)
-                continue
-            finished = time.perf_counter()
-            if self._on_batch is not None:
-                self._on_batch(BatchStats(len(inputs), started - min(p.enqueued for p in batch), finished - started))
-            offset = 0
-            for pending in batch:
-                n = len(pending.inputs)
-                _resolve(pending.future, {k: v[offset : offset + n] for k, v in outputs.items()})
-                offset += n
+                await self._run(self._running)
+            except Exception as exc:  # a bug here must fail this batch, never kill the worker
+                log.exception("dynamic batcher failed a batch")
+                for pending in self._running:
+                    _resolve(pending.future, exc=exc)
+            finally:
+                self._running = []
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run_batch, inputs)
+            _check_rows(outputs, len(inputs))
+        except Exception as exc:
+            if len(batch) == 1:
+                _resolve(batch[0].future, exc=exc)
+            else:
+                await self._run_individually(batch)
+            return
+        finished = time.perf_counter()
+        offset = 0
+        for pending in batch:
+            n = len(pending.inputs)
+            _resolve(pending.future, {k: v[offset : offset + n] for k, v in outputs.items()})
+            offset += n
+        if self._on_batch is not None:
+            self._on_batch(BatchStats(len(inputs), started - min(p.enqueued for p in batch), finished - started))
 
     async def _run_individually(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
@@ -205,10 +232,18 @@ class DynamicBatcher:
                 continue
             try:
                 result = await loop.run_in_executor(self._executor, self._run_batch, pending.inputs)
+                _check_rows(result, len(pending.inputs))
             except Exception as exc:
                 _resolve(pending.future, exc=exc)
             else:
                 _resolve(pending.future, result)
+
+
+def _check_rows(outputs: Outputs, rows: int) -> None:
+    """A model must answer every input row; a short answer would silently hand one caller another's rows."""
+    for name, value in outputs.items():
+        if len(value) != rows:
+            raise RuntimeError(f"model output {name!r} has {len(value)} rows for {rows} inputs")
 
 
 def _resolve(future: asyncio.Future[Outputs], result: Outputs | None = None, exc: BaseException | None = None) -> None:
@@ -229,7 +264,7 @@ class LocalBatchedBackend:
         self,
         forward: RunBatch,
         *,
-        batching: "BatchingConfig",
+        batching: BatchingConfig,
         on_batch: Callable[[BatchStats], None] | None,
         on_queue_depth: Callable[[int], None] | None,
         name: str,
@@ -253,7 +288,7 @@ class LocalBatchedBackend:
         return await self._batcher.submit(batch)
 
     def is_ready(self) -> bool:
-        return True
+        return self._batcher.alive()
 
     async def close(self) -> None:
         await self._batcher.close()

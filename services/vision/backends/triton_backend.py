@@ -16,11 +16,15 @@ from collections.abc import Callable
 
 import numpy as np
 
-from vision.backends.base import InferenceBackend, Outputs
+from vision.backends.base import InferenceBackend, Outputs, request_deadline
 from vision.backends.batching import BatchStats
-from vision.errors import DeadlineExceeded, FailedPrecondition, Unavailable, VisionError
+from vision.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, Unavailable, VisionError
 
 log = logging.getLogger(__name__)
+
+class _AttemptTimedOut(Unavailable):
+    """Triton took longer than the per-attempt timeout, before the caller's deadline."""
+
 
 class _SharedMemoryPool:
     """System shared-memory regions for input tensors, registered with Triton: the service writes the batch
@@ -61,8 +65,6 @@ class _SharedMemoryPool:
         self._handles.clear()
 
 
-# Triton status strings (grpc.StatusCode reprs) that mean "try again shortly".
-_TRANSIENT = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED", "StatusCode.RESOURCE_EXHAUSTED")
 
 
 class TritonBackend(InferenceBackend):
@@ -99,6 +101,7 @@ class TritonBackend(InferenceBackend):
         self._shm_bytes = shared_memory_bytes
         self._shm_regions = shared_memory_regions
         self._shm: _SharedMemoryPool | None = None
+        self._max_batch: int | None = None
 
     async def start(self) -> None:
         import tritonclient.grpc.aio as triton_grpc
@@ -130,9 +133,12 @@ class TritonBackend(InferenceBackend):
         was_ready = self._ready
         try:
             ready = bool(await self._client.is_model_ready(self._model, self._version, client_timeout=self._health_interval))
-            if ready and not was_ready and self._shm is not None:
-                # A (re)started Triton knows none of our regions.
-                await self._shm.register(self._client)
+            if ready and not was_ready:
+                self._max_batch = None  # the model may have been reloaded with another config
+                await self._fetch_max_batch()
+                if self._shm is not None:
+                    # A (re)started Triton knows none of our regions.
+                    await self._shm.register(self._client)
             self._ready = ready
         except Exception:  # any transport error means "not ready"; the reason is in the next infer's error
             self._ready = False
@@ -149,39 +155,59 @@ class TritonBackend(InferenceBackend):
     def is_ready(self) -> bool:
         return self._ready
 
-    async def infer(self, batch: np.ndarray, *, deadline: float | None = None) -> Outputs:
-        import tritonclient.grpc.aio as triton_grpc
+    async def _fetch_max_batch(self) -> None:
+        """Triton refuses requests above the model's max_batch_size; learn it to split larger requests."""
+        if self._max_batch is not None or self._client is None:
+            return
+        try:
+            config = await self._client.get_model_config(self._model, self._version, as_json=True, client_timeout=5)
+            self._max_batch = int(config["config"].get("max_batch_size", 0)) or None
+        except Exception:  # not reachable yet: asked again on the next readiness change
+            log.debug("cannot read Triton's config for %s yet", self._model, exc_info=True)
 
+    async def infer(self, batch: np.ndarray) -> Outputs:
         if self._client is None:
             raise Unavailable("Triton backend is not started")
+        await self._fetch_max_batch()
         batch = np.ascontiguousarray(batch, dtype=np.float32)
+        step = self._max_batch or len(batch)
+        if len(batch) <= step:
+            return await self._infer_chunk(batch)
+        # Sent concurrently: Triton's dynamic batcher schedules the chunks as it sees fit.
+        parts = await asyncio.gather(*(self._infer_chunk(batch[i : i + step]) for i in range(0, len(batch), step)))
+        return {name: np.concatenate([p[name] for p in parts]) for name in self.output_names}
+
+    async def _infer_chunk(self, batch: np.ndarray) -> Outputs:
+        import tritonclient.grpc.aio as triton_grpc
+
         inputs = [triton_grpc.InferInput(self._input_name, list(batch.shape), "FP32")]
-        region = None
-        if self._shm is not None and batch.nbytes <= self._shm.region_bytes:
-            region = await self._shm.acquire()
-            self._shm.write(region, batch)
-            inputs[0].set_shared_memory(region, batch.nbytes)
-        else:
-            inputs[0].set_data_from_numpy(batch)
         outputs = [triton_grpc.InferRequestedOutput(name) for name in self.output_names]
+        region = None
         try:
-            return await self._infer_with_retries(inputs, outputs, len(batch), deadline)
+            if self._shm is not None and batch.nbytes <= self._shm.region_bytes:
+                region = await self._shm.acquire()
+                self._shm.write(region, batch)
+                inputs[0].set_shared_memory(region, batch.nbytes)
+            else:
+                inputs[0].set_data_from_numpy(batch)
+            return await self._infer_with_retries(inputs, outputs, len(batch))
         finally:
             if region is not None:
                 self._shm.release(region)  # type: ignore[union-attr]
 
-    async def _infer_with_retries(self, inputs: list, outputs: list, n: int, deadline: float | None) -> Outputs:
+    async def _infer_with_retries(self, inputs: list, outputs: list, n: int) -> Outputs:
         from tritonclient.utils import InferenceServerException
 
-        deadline = deadline or time.monotonic() + self._timeout
+        # The caller's gRPC deadline bounds everything; --triton-timeout-s bounds each attempt.
+        deadline = request_deadline.get() or time.monotonic() + self._timeout * (self._retries + 1)
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise DeadlineExceeded(f"Triton did not answer for model {self._model!r} within the deadline")
+                raise DeadlineExceeded(f"the deadline passed while waiting for Triton (model {self._model!r})")
             started = time.perf_counter()
             try:
-                result = await self._client.infer(
+                result = await self._client.infer(  # type: ignore[union-attr]
                     self._model,
                     inputs,
                     model_version=self._version,
@@ -189,10 +215,10 @@ class TritonBackend(InferenceBackend):
                     client_timeout=min(remaining, self._timeout),
                 )
             except InferenceServerException as exc:
-                error = self._translate(exc)
-                if isinstance(error, Unavailable):
-                    self._ready = False
-                if not isinstance(error, Unavailable) or attempt >= self._retries:
+                error = self._translate(exc, deadline)
+                # A timed-out attempt may still be running on Triton: retrying would pile more work on it.
+                retry = isinstance(error, Unavailable) and not isinstance(error, _AttemptTimedOut)
+                if not retry or attempt >= self._retries:
                     raise error from None
                 attempt += 1
                 await asyncio.sleep(min(0.05 * 2**attempt, max(0.0, deadline - time.monotonic())))
@@ -202,7 +228,7 @@ class TritonBackend(InferenceBackend):
                 self._on_batch(BatchStats(n, 0.0, time.perf_counter() - started))
             return {name: result.as_numpy(name) for name in self.output_names}
 
-    def _translate(self, exc: Exception) -> VisionError:
+    def _translate(self, exc: Exception, deadline: float) -> VisionError:
         status = str(getattr(exc, "status", lambda: "")() or "")
         message = getattr(exc, "message", lambda: str(exc))() or str(exc)
         where = f"Triton at {self._url}, model {self._model!r} version {self._version!r}"
@@ -211,11 +237,16 @@ class TritonBackend(InferenceBackend):
             # Triton restarted between two health probes and forgot our regions: transient, re-registered.
             self._ready = False
             return Unavailable(f"{where} lost its shared-memory registrations: {message}")
-        if status in _TRANSIENT or "failed to connect" in lowered or "unavailable" in lowered:
+        if status == "StatusCode.RESOURCE_EXHAUSTED":
+            return ResourceExhausted(f"{where} is overloaded: {message}; retry with backoff")
+        if status == "StatusCode.DEADLINE_EXCEEDED" or "deadline exceeded" in lowered:
+            if time.monotonic() >= deadline:
+                return DeadlineExceeded(f"the deadline passed while waiting for {where}")
+            return _AttemptTimedOut(f"{where} did not answer within --triton-timeout-s ({self._timeout:g} s)")
+        if status in ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED") or "failed to connect" in lowered:
+            self._ready = False
             return Unavailable(f"{where} is unavailable: {message}")
-        if status == "StatusCode.DEADLINE_EXCEEDED" or "deadline" in message.lower():
-            return DeadlineExceeded(f"{where} did not answer in time")
-        if "not found" in message.lower() or "not ready" in message.lower() or "unknown model" in message.lower():
+        if status == "StatusCode.NOT_FOUND" or "not ready" in lowered or "unknown model" in lowered:
             return FailedPrecondition(f"{where} is not loaded: {message}")
         return VisionError(f"{where} failed: {message}")
 

@@ -30,7 +30,7 @@ class ClassificationServicer(classification_pb2_grpc.ClassificationServicer):
         if not 1 <= k <= model.card.num_labels:
             raise InvalidArgument(f"top_k must be between 1 and {model.card.num_labels} for model {model.card.name!r}, got {k}")
         images = encoded_images(request.images)
-        model, outputs = await self._dataplane.run(model.card.name, model.card.version, TASK, images, SERVICE)
+        outputs = await self._dataplane.run(model, images, SERVICE)
         indices, scores = top_k(softmax(outputs[LOGITS].astype("float32", copy=False)), k)
         labels = model.card.labels
         response = classification_pb2.ClassifyResponse(model=model_info(model.card))

@@ -31,7 +31,7 @@ class TaggingServicer(tagging_pb2_grpc.TaggingServicer):
             min_score=request.min_score if request.HasField("min_score") else None,
         )
         images = encoded_images(request.images)
-        model, outputs = await self._dataplane.run(model.card.name, model.card.version, TASK, images, SERVICE)
+        outputs = await self._dataplane.run(model, images, SERVICE)
         assert model.card.tagger is not None  # the repository only returns models that can tag
         rows = model.card.tagger.tag(outputs[LOGITS], options)
         response = tagging_pb2.TagResponse(model=model_info(model.card))

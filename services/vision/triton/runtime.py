@@ -660,6 +660,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--setup-only", action="store_true", help="create/verify the Triton venv and exit")
     parser.add_argument(
+        "--no-setup",
+        action="store_true",
+        help="fail if the Triton venv is missing or outdated instead of setting it up first (by default a "
+        "missing runtime is set up automatically: once, about 20 s, needs only the package registry)",
+    )
+    parser.add_argument(
         "--venv", type=Path, default=None, help=f"Triton venv (default {default_venv()}; env {VENV_ENV})"
     )
     parser.add_argument("--python", default=None, help="Python 3.8-3.13 for the venv (default: this one)")
@@ -698,8 +704,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runtime = find_runtime(args.venv)
     except TritonRuntimeMissing as exc:
-        say(str(exc))
-        return 1
+        if args.no_setup:
+            say(str(exc))
+            return 1
+        venv = Path(args.venv) if args.venv is not None else default_venv()
+        say(f"Triton runtime not set up in {venv}; setting it up now (once, about 20 s, needs only the package registry)")
+        t0 = time.monotonic()
+        try:
+            runtime = setup_runtime(args.venv, python=args.python, log=say)
+        except TritonError as setup_exc:
+            say(str(setup_exc))
+            return 1
+        say(f"runtime set up in {time.monotonic() - t0:.1f} s")
     server = TritonProcess(
         args.repository,
         runtime=runtime,
