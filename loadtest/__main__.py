@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=available_cpus(), help="raw baseline engine threads (default: available CPUs, %(default)s here)"
     )
     parser.add_argument("--no-raw", action="store_true", help="skip the in-process baseline")
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="repeat the whole raw + service sequence this many times and report the median of each round's "
+        "ratios: on a shared, noisy machine neighbours' load then hits both sides alike (default 1)",
+    )
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `vision serve` argument when spawning")
     parser.add_argument("--json", type=Path, help="also write all results here")
     args = parser.parse_args(argv)
@@ -59,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     spawned = None if args.target else SpawnedServer(args.serve_arg)
     target = args.target or spawned.target  # type: ignore[union-attr]
     results: list[RunResult] = []
+    ratios: dict[str, list[float]] = {}
     try:
-        raw: dict[int, RunResult] = {}
+        forward = preset = None
         if not args.no_raw:
             try:
                 forward, preset, info = raw_model(target, args.model, args.weights, args.threads)
@@ -68,19 +74,31 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{parser.prog}: {exc}", file=sys.stderr)
                 return 2
             print(f"raw baseline: {info.name}:{info.version} ({info.architecture}, engine {info.backend}, {args.threads} threads)")
-            for bs in sorted({1, args.batch_size}):
-                raw[bs] = raw_run(forward, preset, image, bs, args.duration, args.warmup)
-                print_result(raw[bs])
-                results.append(raw[bs])
-            del forward
-        for c in [int(x) for x in args.concurrency.split(",")]:
-            result = asyncio.run(service_run(target, image, c, args.duration, args.warmup, args.images_per_request, args.model))
-            print_result(result)
-            results.append(result)
-            if raw and c == 1 and 1 in raw:
-                print(f"           c=1 p50 - raw batch-1 p50 = {result.p50_ms - raw[1].p50_ms:+.1f} ms")
-            if raw and c > 1:
-                print(f"           service/raw-b{args.batch_size} throughput = {result.images_per_second / raw[args.batch_size].images_per_second:.2f}")
+        for round_no in range(1, args.rounds + 1):
+            if args.rounds > 1:
+                print(f"round {round_no}/{args.rounds}")
+            raw: dict[int, RunResult] = {}
+            if forward is not None:
+                for bs in sorted({1, args.batch_size}):
+                    raw[bs] = raw_run(forward, preset, image, bs, args.duration, args.warmup)
+                    print_result(raw[bs])
+                    results.append(raw[bs])
+            for c in [int(x) for x in args.concurrency.split(",")]:
+                result = asyncio.run(service_run(target, image, c, args.duration, args.warmup, args.images_per_request, args.model))
+                print_result(result)
+                results.append(result)
+                if raw and c == 1 and 1 in raw:
+                    delta = result.p50_ms - raw[1].p50_ms
+                    ratios.setdefault("c=1 p50 - raw batch-1 p50 (ms)", []).append(delta)
+                    print(f"           c=1 p50 - raw batch-1 p50 = {delta:+.1f} ms")
+                if raw and c > 1:
+                    ratio = result.images_per_second / raw[args.batch_size].images_per_second
+                    ratios.setdefault(f"c={c} service/raw-b{args.batch_size} throughput", []).append(ratio)
+                    print(f"           service/raw-b{args.batch_size} throughput = {ratio:.2f}")
+        if args.rounds > 1:
+            for name, values in ratios.items():
+                print(f"median over {len(values)} rounds: {name} = {statistics.median(values):.2f}  (rounds: "
+                      + ", ".join(f"{v:.2f}" for v in values) + ")")
     finally:
         if spawned is not None:
             spawned.close()

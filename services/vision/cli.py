@@ -36,6 +36,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         default = field.get_default(call_default_factory=True)
         help_text = f"{field.description or ''} [env {env}; default {default}]"
         choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
         kind = {int: int, float: float}.get(field.annotation, str)  # type: ignore[call-overload]
         parser.add_argument(flag, dest=name, type=kind, choices=choices, default=None, help=help_text)
     parser.add_argument(

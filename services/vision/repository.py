@@ -216,7 +216,9 @@ def _build_backend(
         from vision.backends.onnx_backend import OnnxRuntimeBackend
 
         onnx_path = config.onnx or _exported_onnx(config, settings, card, num_classes, weights)
-        return OnnxRuntimeBackend(onnx_path, device=settings.device, threads=settings.threads, **hooks)
+        return OnnxRuntimeBackend(
+            onnx_path, device=settings.device, threads=settings.threads, spin_wait=settings.spin_wait, **hooks
+        )
     if settings.backend == "triton":
         from vision.backends.triton_backend import TritonBackend
 

@@ -100,6 +100,11 @@ class ServeSettings(BaseSettings):
     )
     device: str = Field("cpu", description="torch device for the torch backend: cpu, cuda, cuda:1...")
     threads: int = Field(_CPUS, ge=1, description="Intra-op threads of the inference engine.")
+    spin_wait: bool = Field(
+        False,
+        description="Let ONNX Runtime's idle threads busy-wait (lower latency on a dedicated host; steals CPU "
+        "from decoding and gRPC on a small one).",
+    )
     models: list[ModelConfig] = Field(
         default_factory=lambda: [ModelConfig(arch="efficientnet_lite0")],
         description="Served models; the first of each task is the default.",
