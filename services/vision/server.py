@@ -22,8 +22,8 @@ from vision.dataplane import DataPlane
 from vision.imaging import DecodeLimits
 from vision.metrics import serve_metrics
 from vision.repository import ModelRepository, load_repository
-from vision.servicers.classification import SERVICE as CLASSIFICATION, ClassificationServicer
-from vision.servicers.tagging import SERVICE as TAGGING, TaggingServicer
+from vision.servicers.classification import SERVICE as CLASSIFICATION, TASK as CLASSIFICATION_TASK, ClassificationServicer
+from vision.servicers.tagging import SERVICE as TAGGING, TASK as TAGGING_TASK, TaggingServicer
 from vision.settings import ServeSettings
 from vision.v1 import classification_pb2, classification_pb2_grpc, tagging_pb2, tagging_pb2_grpc
 
@@ -49,26 +49,40 @@ def _grpc_options(settings: ServeSettings) -> list[tuple[str, int]]:
     ]
 
 
+HealthState = dict[str, int]
+
+
+def _health_state(repository: ModelRepository, services: dict[str, str]) -> HealthState:
+    """Per service: SERVING when it has at least one model for its task and every model is ready; the
+    overall entry ("") is SERVING when every backend is ready."""
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    ready = repository.ready()
+    state = {"": serving if ready else not_serving}
+    for name, task in services.items():
+        state[name] = serving if ready and repository.list(task) else not_serving
+    return state
+
+
 async def _update_health(
-    health: health_aio.HealthServicer, repository: ModelRepository, service_names: list[str], current: int | None
-) -> int:
-    wanted = health_pb2.HealthCheckResponse.SERVING if repository.ready() else health_pb2.HealthCheckResponse.NOT_SERVING
-    if wanted != current:
-        for name in ["", *service_names]:
-            await health.set(name, wanted)
-        if current is not None:
-            log.warning("health is now %s", health_pb2.HealthCheckResponse.ServingStatus.Name(wanted))
+    health: health_aio.HealthServicer, repository: ModelRepository, services: dict[str, str], current: HealthState
+) -> HealthState:
+    wanted = _health_state(repository, services)
+    for name, status in wanted.items():
+        if current.get(name) != status:
+            await health.set(name, status)
+            if current:
+                log.warning("health of %r is now %s", name or "server", health_pb2.HealthCheckResponse.ServingStatus.Name(status))
     return wanted
 
 
 async def _track_health(
-    health: health_aio.HealthServicer, repository: ModelRepository, service_names: list[str], status: int,
+    health: health_aio.HealthServicer, repository: ModelRepository, services: dict[str, str], state: HealthState,
     interval_s: float = 0.5,
 ) -> None:
-    """SERVING while every model's backend is ready (a remote Triton can go away and come back)."""
+    """Keeps health current: a remote Triton can go away and come back."""
     while True:
         await asyncio.sleep(interval_s)
-        status = await _update_health(health, repository, service_names, status)
+        state = await _update_health(health, repository, services, state)
 
 
 async def serve(
@@ -92,7 +106,7 @@ async def serve(
     tagging_pb2_grpc.add_TaggingServicer_to_server(TaggingServicer(dataplane), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    service_names = [CLASSIFICATION, TAGGING]
+    services = {CLASSIFICATION: CLASSIFICATION_TASK, TAGGING: TAGGING_TASK}
     reflection.enable_server_reflection(
         [
             classification_pb2.DESCRIPTOR.services_by_name["Classification"].full_name,
@@ -116,8 +130,8 @@ async def serve(
         await repository.close()
         raise OSError(f"cannot bind metrics on {_hostport(settings.host, settings.metrics_port)}: {exc.strerror}") from None
     await server.start()
-    status = await _update_health(health, repository, service_names, None)
-    health_task = asyncio.get_running_loop().create_task(_track_health(health, repository, service_names, status))
+    state = await _update_health(health, repository, services, {})
+    health_task = asyncio.get_running_loop().create_task(_track_health(health, repository, services, state))
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
