@@ -24,6 +24,20 @@ SKIMAGE_DATA = Path(skimage.data.__file__).parent
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# A small ML-Images hierarchy shared by the tagging tests: animal ── mammal ── cat, dog; plant ── tree;
+# vehicle ── car (index, WordNet id, parent index or -1, name).
+ML_IMAGES_TREE = [
+    (0, "n00015388", -1, "animal"),
+    (1, "n01861778", 0, "mammal"),
+    (2, "n02121620", 1, "cat"),
+    (3, "n02084071", 1, "dog"),
+    (4, "n00017222", -1, "plant"),
+    (5, "n13104059", 4, "tree"),
+    (6, "n04524313", -1, "vehicle"),
+    (7, "n02958343", 6, "car"),
+]
+
+
 def photo(name: str) -> Image.Image:
     """A scikit-image sample photo as RGB."""
     return Image.open(SKIMAGE_DATA / name).convert("RGB")

@@ -17,6 +17,7 @@ from vision.models import create_model, get_architecture
 from vision.models.labels import imagenet_names
 from vision.repository import ModelCard, ModelRepository, ServedModel
 from vision.settings import ModelConfig
+from conftest import ML_IMAGES_TREE
 from vision.tagging import TagOptions, Tagger, Thresholds, load_tagger, load_thresholds
 from vision.vocab import Label, LabelVocabulary
 
@@ -26,16 +27,7 @@ HEADER4 = "category_index\tcategory_id\tindex_of_parent_category\tcategory name"
 #   animal(0) ── mammal(1) ── cat(2), dog(3)
 #   plant(4) ── tree(5)
 #   vehicle(6) ── car(7)
-ML_ROWS = [
-    (0, "n00015388", -1, "animal"),
-    (1, "n01861778", 0, "mammal"),
-    (2, "n02121620", 1, "cat"),
-    (3, "n02084071", 1, "dog"),
-    (4, "n00017222", -1, "plant"),
-    (5, "n13104059", 4, "tree"),
-    (6, "n04524313", -1, "vehicle"),
-    (7, "n02958343", 6, "car"),
-]
+ML_ROWS = ML_IMAGES_TREE
 ANIMAL, MAMMAL, CAT, DOG, PLANT, TREE, VEHICLE, CAR = range(8)
 
 # Softmax classifier over 4 classes (labels 0..3) with concepts above them:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import ServerProcess, metric_value, scrape
+from conftest import ML_IMAGES_TREE, ServerProcess, metric_value, scrape
 from vision.models import get_architecture
 from vision.models.labels import imagenet_wordnet
 from vision.v1 import classification_pb2, classification_pb2_grpc, common_pb2, tagging_pb2, tagging_pb2_grpc
@@ -305,16 +305,7 @@ def test_eval_tags_refuses_a_bad_dataset(server, tmp_path):
 # --- a multi-label ResNeXt head saved here, with a hierarchy and calibrated thresholds ---------------------
 
 # ML-Images hierarchy format: animal ── mammal ── cat, dog; plant ── tree; vehicle ── car.
-TREE = [
-    (0, "n00015388", -1, "animal"),
-    (1, "n01861778", 0, "mammal"),
-    (2, "n02121620", 1, "cat"),
-    (3, "n02084071", 1, "dog"),
-    (4, "n00017222", -1, "plant"),
-    (5, "n13104059", 4, "tree"),
-    (6, "n04524313", -1, "vehicle"),
-    (7, "n02958343", 6, "car"),
-]
+TREE = ML_IMAGES_TREE
 # Sigmoid outputs the biased head produces for every image: labels 2 and 5 fire at the default 0.5.
 PROBS = {2: 0.95, 5: 0.75, 7: 0.40, 3: 0.20}
 NUS_LABELS = ["sky", "water", "person", "animal", "building"]

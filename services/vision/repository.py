@@ -24,6 +24,7 @@ from vision.settings import ModelConfig, ServeSettings
 
 if TYPE_CHECKING:
     from vision.tagging import Tagger
+    from vision.vocab import LabelVocabulary
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,13 @@ def _metric_hooks(name: str, version: str):  # noqa: ANN202 - pair of callbacks
     return on_batch, depth.set
 
 
-def _load_tagger(config: ModelConfig, default_task: str, labels: tuple[str, ...], labels_source: str | None) -> Tagger | None:
+def _load_tagger(
+    config: ModelConfig,
+    default_task: str,
+    labels: tuple[str, ...],
+    labels_source: str | None,
+    label_vocabulary: "LabelVocabulary | None",
+) -> Tagger | None:
     from vision.tagging import load_tagger
 
     return load_tagger(
@@ -138,18 +145,20 @@ def _load_tagger(config: ModelConfig, default_task: str, labels: tuple[str, ...]
         labels=labels,
         hierarchy=config.hierarchy,
         thresholds=config.thresholds,
+        label_vocabulary=label_vocabulary,
     )
 
 
 def load_model(config: ModelConfig, settings: ServeSettings) -> ServedModel:
     """Build, load and wrap one model; raises ConfigurationError with the reason on any bad input."""
     from vision.models import get_architecture
-    from vision.models.labels import resolve_labels
+    from vision.models.labels import labels_and_vocabulary
     from vision.models.weights import sha256_file
 
     entry = get_architecture(config.arch)
     defaults = entry.defaults
-    labels = resolve_labels(config.labels or defaults.labels)
+    labels_source = config.labels or defaults.labels
+    labels, label_vocabulary = labels_and_vocabulary(labels_source)
     num_classes = config.num_classes or (len(labels) if config.labels else defaults.num_classes)
     if len(labels) != num_classes:
         raise ConfigurationError(
@@ -169,7 +178,7 @@ def load_model(config: ModelConfig, settings: ServeSettings) -> ServedModel:
         preset=get_preset(config.preset or defaults.preset),
         backend=settings.backend,
         weights_sha256=sha256_file(weights) if weights is not None else "",
-        tagger=_load_tagger(config, defaults.task, labels, config.labels or defaults.labels),
+        tagger=_load_tagger(config, defaults.task, labels, labels_source, label_vocabulary),
     )
     backend = _build_backend(config, settings, card, num_classes, weights)
     _check_outputs(backend, card, num_classes)

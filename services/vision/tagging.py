@@ -46,7 +46,7 @@ import numpy as np
 
 from vision.errors import ConfigurationError, InvalidArgument
 from vision.postprocess import sigmoid, softmax
-from vision.vocab import LabelVocabulary, VocabularyError, load_vocabulary, propagate_max, propagate_sum
+from vision.vocab import LabelVocabulary, propagate_max, propagate_sum
 
 log = logging.getLogger(__name__)
 
@@ -353,20 +353,15 @@ class Tagger:
 # --------------------------------------------------------------------------------------
 
 
-def _read_vocabulary(path: str, what: str) -> LabelVocabulary:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigurationError(f"{what} file {file} does not exist")
-    try:
-        return load_vocabulary(file)
-    except VocabularyError as exc:
-        raise ConfigurationError(str(exc)) from None
-
-
 def _tag_vocabulary(
-    model: str, task: str, labels_source: str, labels: Sequence[str], hierarchy: str | None
+    model: str,
+    task: str,
+    labels_source: str,
+    labels: Sequence[str],
+    hierarchy: str | None,
+    label_vocabulary: LabelVocabulary | None,
 ) -> LabelVocabulary | None:
-    from vision.models.labels import IMAGENET, imagenet_wordnet
+    from vision.models.labels import IMAGENET, imagenet_wordnet, read_vocabulary
 
     n_outputs = len(labels)
     if hierarchy == HIERARCHY_NONE:
@@ -383,8 +378,8 @@ def _tag_vocabulary(
             )
         return imagenet_wordnet()
     if hierarchy is not None:
-        return _read_vocabulary(hierarchy, "hierarchy")
-    vocab = _read_vocabulary(labels_source, "label")
+        return read_vocabulary(hierarchy, "hierarchy")
+    vocab = label_vocabulary or read_vocabulary(labels_source, "label")
     if vocab.has_hierarchy or task == "multilabel":
         return vocab
     return None
@@ -398,19 +393,21 @@ def load_tagger(
     labels: Sequence[str],
     hierarchy: str | None = None,
     thresholds: Path | None = None,
+    label_vocabulary: LabelVocabulary | None = None,
 ) -> Tagger | None:
     """The tagger of a served model, or None when the model cannot tag.
 
     `labels_source` is the model's label setting ("imagenet" or a file) and `labels` the resolved names of
     its outputs. `hierarchy`: "wordnet" (the bundled ImageNet-1k WordNet hierarchy), "none", or a vocabulary
     file (ML-Images hierarchy format) whose labels ``0..N-1`` are the model's N outputs; None picks the
-    label file's own hierarchy, or WordNet for ImageNet labels. Multi-label models can always tag (without
+    label file's own hierarchy, or WordNet for ImageNet labels. `label_vocabulary`: the label file already
+    read by the caller (it is then not read again). Multi-label models can always tag (without
     a hierarchy, over their flat labels); classification models only with a hierarchy.
     """
     if task not in ("classification", "multilabel"):
         vocab = None
     else:
-        vocab = _tag_vocabulary(model, task, labels_source, labels, hierarchy)
+        vocab = _tag_vocabulary(model, task, labels_source, labels, hierarchy, label_vocabulary)
     if vocab is None:
         if thresholds is not None:
             raise ConfigurationError(

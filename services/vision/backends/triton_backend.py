@@ -101,7 +101,7 @@ class TritonBackend(InferenceBackend):
         self._shm_bytes = shared_memory_bytes
         self._shm_regions = shared_memory_regions
         self._shm: _SharedMemoryPool | None = None
-        self._max_batch: int | None = None
+        self._max_batch: int | None = None  # None: not read from Triton yet
 
     async def start(self) -> None:
         import tritonclient.grpc.aio as triton_grpc
@@ -161,7 +161,8 @@ class TritonBackend(InferenceBackend):
             return
         try:
             config = await self._client.get_model_config(self._model, self._version, as_json=True, client_timeout=5)
-            self._max_batch = int(config["config"].get("max_batch_size", 0)) or None
+            # 0 (a model without batching) is remembered too, so it is not asked again on every request.
+            self._max_batch = int(config["config"].get("max_batch_size", 0))
         except Exception:  # not reachable yet: asked again on the next readiness change
             log.debug("cannot read Triton's config for %s yet", self._model, exc_info=True)
 

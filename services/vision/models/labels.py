@@ -33,22 +33,34 @@ def imagenet_wordnet() -> "LabelVocabulary":
     return load_mlimages(WORDNET_HIERARCHY)
 
 
-def resolve_labels(source: str | None) -> tuple[str, ...]:
-    """`imagenet`, or a label file: `index<TAB>name` lines (ML-Images dictionary), the ML-Images hierarchy
-    format, or NUS-WIDE-style JSON. Names are indexed by output position."""
+def read_vocabulary(path: str | Path, what: str = "label") -> "LabelVocabulary":
+    """A vocabulary file (label list, ML-Images hierarchy or NUS-WIDE JSON); errors name the file."""
+    from vision.vocab import VocabularyError, load_vocabulary
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigurationError(f"{what} file {file} does not exist")
+    try:
+        return load_vocabulary(file)
+    except VocabularyError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
+def labels_and_vocabulary(source: str | None) -> tuple[tuple[str, ...], "LabelVocabulary | None"]:
+    """Output names for a label setting, and the vocabulary read for them (None for `imagenet`), so a
+    caller that also needs the file's hierarchy does not read it a second time."""
     if not source:
         raise ConfigurationError(
             "no labels: this architecture has no default label set; give labels=FILE (index<TAB>name lines, "
             "an ML-Images hierarchy, or NUS-WIDE-style JSON)"
         )
     if source == IMAGENET:
-        return imagenet_names()
-    from vision.vocab import VocabularyError, load_vocabulary
+        return imagenet_names(), None
+    vocab = read_vocabulary(source)
+    return tuple(vocab.names), vocab
 
-    path = Path(source)
-    if not path.is_file():
-        raise ConfigurationError(f"label file {path} does not exist")
-    try:
-        return tuple(load_vocabulary(path).names)
-    except VocabularyError as exc:
-        raise ConfigurationError(str(exc)) from None
+
+def resolve_labels(source: str | None) -> tuple[str, ...]:
+    """`imagenet`, or a label file: `index<TAB>name` lines (ML-Images dictionary), the ML-Images hierarchy
+    format, or NUS-WIDE-style JSON. Names are indexed by output position."""
+    return labels_and_vocabulary(source)[0]
