@@ -25,7 +25,8 @@ both an artifact and a covering keeps only the first).
 
 Names. Ancestor concepts are named by the first lemma of their synset, with
 underscores turned into spaces. The 1000 classes take torchvision's ImageNet
-names (``torchvision.models._meta._IMAGENET_CATEGORIES``) by default, so tags
+names (``torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]``,
+torchvision's public weights metadata) by default, so tags
 match the classification service's labels; ``--leaf-names wordnet`` uses the
 first lemma for them too. Names repeat (two "crane"s, and a class may share its
 name with an ancestor); labels are keyed by index and WordNet id, not name.
@@ -103,9 +104,9 @@ def default_synsets_file() -> Path:
 
 
 def torchvision_names() -> list[str]:
-    from torchvision.models._meta import _IMAGENET_CATEGORIES
+    from torchvision.models import ResNet50_Weights
 
-    return list(_IMAGENET_CATEGORIES)
+    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 def build_rows(

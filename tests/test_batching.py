@@ -21,25 +21,33 @@ class RecordingModel:
         self.delay = delay
         self.fail_on = fail_on
         self.threads: set[str] = set()
+        self.shapes: list[tuple[int, ...]] = []
+        self.asked: list[tuple[str, ...]] = []
 
-    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, x: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         self.threads.add(threading.current_thread().name)
         self.sizes.append(len(x))
+        self.shapes.append(x.shape[1:])
+        self.asked.append(outputs)
         time.sleep(self.delay)
         if self.fail_on is not None and (x == self.fail_on).any():
             raise ValueError("poisoned input")
-        return {"y": x * 2 + 1, "sum": x.reshape(len(x), -1).sum(axis=1)}
+        every = {"y": x * 2 + 1, "sum": x.reshape(len(x), -1).sum(axis=1)}
+        return {name: every[name] for name in outputs}
 
 
-def rows(value: float, n: int = 1) -> np.ndarray:
-    return np.full((n, 3, 2, 2), value, dtype=np.float32)
+OUT = ("y", "sum")
+
+
+def rows(value: float, n: int = 1, side: int = 2) -> np.ndarray:
+    return np.full((n, 3, side, side), value, dtype=np.float32)
 
 
 async def test_concurrent_requests_are_batched_without_mixing():
     model = RecordingModel()
     stats: list[BatchStats] = []
     batcher = DynamicBatcher(model, max_batch_size=8, on_batch=stats.append)
-    results = await asyncio.gather(*(batcher.submit(rows(float(i), n=1 + i % 3)) for i in range(20)))
+    results = await asyncio.gather(*(batcher.submit(rows(float(i), n=1 + i % 3), OUT) for i in range(20)))
     for i, out in enumerate(results):
         assert out["y"].shape == (1 + i % 3, 3, 2, 2)
         assert (out["y"] == i * 2 + 1).all()
@@ -55,7 +63,7 @@ async def test_lone_request_is_dispatched_without_waiting():
     model = RecordingModel(delay=0)
     batcher = DynamicBatcher(model, max_batch_size=8, max_wait_ms=0)
     started = time.perf_counter()
-    await batcher.submit(rows(1))
+    await batcher.submit(rows(1), OUT)
     assert time.perf_counter() - started < 0.05
     await batcher.close()
 
@@ -66,7 +74,7 @@ async def test_max_wait_collects_stragglers():
 
     async def late(i: int):
         await asyncio.sleep(0.01 * i)
-        return await batcher.submit(rows(i))
+        return await batcher.submit(rows(i), OUT)
 
     await asyncio.gather(*(late(i) for i in range(4)))
     assert model.sizes == [4]
@@ -77,7 +85,7 @@ async def test_large_request_is_split_and_reassembled():
     model = RecordingModel(delay=0)
     batcher = DynamicBatcher(model, max_batch_size=4)
     x = np.arange(10 * 12, dtype=np.float32).reshape(10, 3, 2, 2)
-    out = await batcher.submit(x)
+    out = await batcher.submit(x, OUT)
     np.testing.assert_array_equal(out["y"], x * 2 + 1)
     assert all(s <= 4 for s in model.sizes)
     await batcher.close()
@@ -86,7 +94,7 @@ async def test_large_request_is_split_and_reassembled():
 async def test_failure_stays_with_the_request_that_caused_it():
     model = RecordingModel(fail_on=13.0)
     batcher = DynamicBatcher(model, max_batch_size=16)
-    results = await asyncio.gather(*(batcher.submit(rows(float(i))) for i in range(16)), return_exceptions=True)
+    results = await asyncio.gather(*(batcher.submit(rows(float(i)), OUT) for i in range(16)), return_exceptions=True)
     failures = [i for i, r in enumerate(results) if isinstance(r, Exception)]
     assert failures == [13]
     assert all((results[i]["y"] == i * 2 + 1).all() for i in range(16) if i != 13)
@@ -96,10 +104,10 @@ async def test_failure_stays_with_the_request_that_caused_it():
 async def test_full_queue_fails_fast():
     model = RecordingModel(delay=0.2)
     batcher = DynamicBatcher(model, max_batch_size=2, max_queue_images=4)
-    first = asyncio.ensure_future(batcher.submit(rows(0, 4)))
+    first = asyncio.ensure_future(batcher.submit(rows(0, 4), OUT))
     await asyncio.sleep(0)
     with pytest.raises(ResourceExhausted, match="queue is full"):
-        await batcher.submit(rows(1, 2))
+        await batcher.submit(rows(1, 2), OUT)
     await first
     await batcher.close()
 
@@ -107,12 +115,12 @@ async def test_full_queue_fails_fast():
 async def test_cancelled_request_is_skipped():
     model = RecordingModel(delay=0.1)
     batcher = DynamicBatcher(model, max_batch_size=1)
-    blocker = asyncio.ensure_future(batcher.submit(rows(0)))
+    blocker = asyncio.ensure_future(batcher.submit(rows(0), OUT))
     await asyncio.sleep(0.01)
-    doomed = asyncio.ensure_future(batcher.submit(rows(99)))
+    doomed = asyncio.ensure_future(batcher.submit(rows(99), OUT))
     await asyncio.sleep(0.01)
     doomed.cancel()
-    after = await batcher.submit(rows(5))
+    after = await batcher.submit(rows(5), OUT)
     await blocker
     assert (after["y"] == 11).all()
     assert len(model.sizes) == 2  # the cancelled request never ran
@@ -122,7 +130,7 @@ async def test_cancelled_request_is_skipped():
 async def test_close_fails_the_running_batch_instead_of_leaving_it_pending():
     model = RecordingModel(delay=0.3)
     batcher = DynamicBatcher(model, max_batch_size=4)
-    running = asyncio.ensure_future(batcher.submit(rows(1)))
+    running = asyncio.ensure_future(batcher.submit(rows(1), OUT))
     await asyncio.sleep(0.05)  # the worker has popped it and is inside the forward pass
     await batcher.close()
     with pytest.raises(Unavailable, match="shutting down"):
@@ -138,19 +146,19 @@ async def test_a_bug_outside_the_forward_pass_fails_the_batch_and_keeps_the_work
             raise RuntimeError("metrics hook bug")
 
     batcher = DynamicBatcher(RecordingModel(delay=0), max_batch_size=4, on_batch=broken_hook)
-    first = await batcher.submit(rows(1))  # answered before the hook runs
+    first = await batcher.submit(rows(1), OUT)  # answered before the hook runs
     assert (first["y"] == 3).all()
-    second = await asyncio.wait_for(batcher.submit(rows(2)), 2)
+    second = await asyncio.wait_for(batcher.submit(rows(2), OUT), 2)
     assert (second["y"] == 5).all() and batcher.alive()
     await batcher.close()
 
 
 async def test_short_model_output_is_an_error_not_someone_elses_rows():
-    def short(x: np.ndarray) -> dict[str, np.ndarray]:
-        return {"y": x[:-1]}
+    def short(x: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        return {name: x[:-1] for name in outputs}
 
     batcher = DynamicBatcher(short, max_batch_size=8)
-    results = await asyncio.gather(*(batcher.submit(rows(float(i))) for i in range(4)), return_exceptions=True)
+    results = await asyncio.gather(*(batcher.submit(rows(float(i)), OUT) for i in range(4)), return_exceptions=True)
     assert all(isinstance(r, RuntimeError) and "rows" in str(r) for r in results)
     await batcher.close()
 
@@ -158,14 +166,45 @@ async def test_short_model_output_is_an_error_not_someone_elses_rows():
 async def test_withdrawn_requests_stop_counting_against_the_queue_at_once():
     model = RecordingModel(delay=0.3)
     batcher = DynamicBatcher(model, max_batch_size=1, max_queue_images=3)
-    blocker = asyncio.ensure_future(batcher.submit(rows(0)))
+    blocker = asyncio.ensure_future(batcher.submit(rows(0), OUT))
     await asyncio.sleep(0.05)
-    doomed = [asyncio.ensure_future(batcher.submit(rows(9))) for _ in range(3)]
+    doomed = [asyncio.ensure_future(batcher.submit(rows(9), OUT)) for _ in range(3)]
     await asyncio.sleep(0.01)
     for task in doomed:
         task.cancel()
     await asyncio.sleep(0)
-    ok = await asyncio.wait_for(batcher.submit(rows(4, 3)), 5)  # would be "queue full" if they still counted
+    ok = await asyncio.wait_for(batcher.submit(rows(4, 3), OUT), 5)  # would be "queue full" if they still counted
     assert (ok["y"] == 9).all()
     await blocker
     await batcher.close()
+
+
+async def test_a_queue_of_mixed_shapes_runs_in_batches_of_one_shape():
+    """Inputs of different shapes cannot share a forward pass; they must not fall back to one at a time."""
+    model = RecordingModel(delay=0.05)
+    batcher = DynamicBatcher(model, max_batch_size=8)
+    blocker = asyncio.ensure_future(batcher.submit(rows(0), OUT))  # occupies the worker while the queue fills
+    await asyncio.sleep(0.01)
+    requests = [rows(float(i), side=2 + i % 3) for i in range(1, 19)]  # three shapes, interleaved
+    results = await asyncio.gather(*(batcher.submit(x, OUT) for x in requests))
+    await blocker
+    await batcher.close()
+    for x, out in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(out["y"], x * 2 + 1)
+    batches = list(zip(model.sizes[1:], model.shapes[1:], strict=True))
+    assert len(batches) == 3, batches  # 18 queued requests of 3 shapes: one forward pass per shape
+    assert sorted(shape[-1] for _, shape in batches) == [2, 3, 4]
+    assert all(size == 6 for size, _ in batches)
+
+
+async def test_a_batch_asks_for_the_union_of_outputs_and_each_caller_gets_its_own():
+    model = RecordingModel(delay=0.05)
+    batcher = DynamicBatcher(model, max_batch_size=8)
+    blocker = asyncio.ensure_future(batcher.submit(rows(0), ("y",)))
+    await asyncio.sleep(0.01)
+    only_y, only_sum = await asyncio.gather(batcher.submit(rows(1), ("y",)), batcher.submit(rows(2), ("sum",)))
+    await blocker
+    await batcher.close()
+    assert set(only_y) == {"y"} and set(only_sum) == {"sum"}
+    assert model.asked[1] == ("y", "sum") and model.sizes[1] == 2
+    assert only_sum["sum"].tolist() == [24.0]

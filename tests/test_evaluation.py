@@ -251,14 +251,133 @@ def test_best_f1_thresholds_never_beaten_by_another_cut() -> None:
             assert chosen[label] >= f1[0] - 1e-12
 
 
-def test_blocks_give_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Force one label per block so the blocked ranking path is exercised on small data.
-    import vision.evaluation as evaluation
+def test_best_f1_tie_rule_is_exact_where_rounded_ratios_are_not() -> None:
+    # 2 positives, ranked 4th and 10th of 10: keeping 4 gives F1 = 2·1/(4+2) = 1/3, keeping 10 gives
+    # 2·2/(10+2) = 1/3, every other cut less. The higher threshold must win. F1 from
+    # precision_recall_curve's P and R rounds the two apart (0.3333333333333333 vs
+    # 0.33333333333333337) and would pick the lower one.
+    s = np.linspace(1.0, 0.1, 10)[:, None]
+    y = np.zeros((10, 1), dtype=int)
+    y[[3, 9]] = 1
+    selection = best_f1_thresholds(y, s)
+    assert selection.thresholds[0] == pytest.approx((s[3, 0] + s[4, 0]) / 2)  # keeps the top 4
+    assert selection.f1[0] == 1 / 3
 
-    rng = np.random.default_rng(2)
-    y = rng.random((30, 5)) < 0.4
-    s = rng.random((30, 5))
-    whole = average_precision(y, s), best_f1_thresholds(y, s).thresholds
-    monkeypatch.setattr(evaluation, "_BLOCK_ELEMENTS", 1)
-    np.testing.assert_allclose(average_precision(y, s), whole[0])
-    np.testing.assert_allclose(best_f1_thresholds(y, s).thresholds, whole[1])
+
+def test_infinite_scores_are_rejected() -> None:
+    # sklearn's ranking metrics refuse them; the error names the first one.
+    s = SCORES.copy()
+    s[2, 1] = -np.inf
+    with pytest.raises(ValueError, match=r"scores contain an infinite value \(first at sample 2, label 1\)"):
+        evaluate(Y_TRUE, s)
+
+
+# --------------------------------------------------------------------------------------
+# Agreement with direct scikit-learn calls
+# --------------------------------------------------------------------------------------
+
+
+def _random_case(seed: int, *, n_samples: int = 80, n_labels: int = 9, ties: bool) -> tuple:
+    """Random multi-label data with two labels lacking positives, one label always positive,
+    and samples with no true and no predicted labels at threshold 0.5."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n_samples, n_labels)) < 0.3).astype(int)
+    s = rng.random((n_samples, n_labels))
+    if n_labels > 3:
+        y[:, [1, n_labels - 2]] = 0
+        y[:, 2] = 1
+    y[:4] = 0
+    s[:4] *= 0.4  # -> empty predictions too
+    if ties:
+        s = np.round(s, 1)
+    return y, s
+
+
+CASES = {
+    "distinct scores": _random_case(10, ties=False),
+    "tied scores": _random_case(11, ties=True),
+    "many samples, tied": _random_case(12, n_samples=700, n_labels=30, ties=True),
+    "one label": _random_case(13, n_labels=1, ties=True),
+}
+
+
+def _same(actual: object, expected: object) -> None:
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_thresholded_metrics_match_sklearn(case: str) -> None:
+    from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+    y, s = CASES[case]
+    p = s >= 0.5
+    report = evaluate(y, s)
+    one_label = y.shape[1] == 1
+    # sklearn reads a single column as a binary target: ask for the positive class as the one label.
+    kwargs: dict = {"labels": [1]} if one_label else {}
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y, p, average=None, zero_division=0, **kwargs
+    )
+    for got in (per_label_prf(y, p), (report.precision, report.recall, report.f1)):
+        _same(got[0], precision)
+        _same(got[1], recall)
+        _same(got[2], f1)
+    assert report.support.tolist() == support.tolist()
+
+    op, or_, of1, _ = precision_recall_fscore_support(y, p, average="micro", zero_division=0, **kwargs)
+    _same([report.OP, report.OR, report.OF1], [op, or_, of1])
+
+    evaluated = np.flatnonzero(y.sum(axis=0))
+    assert report.n_labels_evaluated == len(evaluated)
+    if not one_label:
+        # CP and CR are sklearn's macro average restricted to the labels with positives.
+        cp, cr, _, _ = precision_recall_fscore_support(
+            y, p, labels=evaluated, average="macro", zero_division=0
+        )
+        _same([report.CP, report.CR], [cp, cr])
+        _same(report.CF1, 2 * cp * cr / (cp + cr))
+
+        # samples-F1 is sklearn's with zero_division=1, which only raises each sample with no
+        # true and no predicted labels from 0 to 1.
+        empty = (~y.any(axis=1) & ~p.any(axis=1)).sum()
+        assert empty > 0
+        _same(report.samples_f1, f1_score(y, p, average="samples", zero_division=1))
+        _same(report.samples_f1, f1_score(y, p, average="samples", zero_division=0) + empty / len(y))
+        _same(samples_f1(y, p), report.samples_f1)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_average_precision_matches_sklearn(case: str) -> None:
+    from sklearn.metrics import average_precision_score
+
+    y, s = CASES[case]
+    ap = evaluate(y, s).average_precision
+    has_positives = y.any(axis=0)
+    assert np.isnan(ap[~has_positives]).all()
+    expected = [average_precision_score(y[:, j], s[:, j]) for j in np.flatnonzero(has_positives)]
+    _same(ap[has_positives], expected)
+    _same(evaluate(y, s).mAP, np.mean(expected))
+    # sklearn's curve, hence AP, does not depend on the order of tied samples; nor does ours.
+    order = np.random.default_rng(0).permutation(len(y))
+    _same(average_precision(y[order], s[order]), ap)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_best_f1_thresholds_match_the_sklearn_curve(case: str) -> None:
+    from sklearn.metrics import f1_score, precision_recall_curve
+
+    y, s = CASES[case]
+    selection = best_f1_thresholds(y, s, fallback=0.25)
+    for j in range(y.shape[1]):
+        if not y[:, j].any():
+            assert not selection.fitted[j] and selection.thresholds[j] == 0.25
+            continue
+        precision, recall, cuts = precision_recall_curve(y[:, j], s[:, j])
+        with np.errstate(invalid="ignore"):
+            curve_f1 = np.nan_to_num(2 * precision * recall / (precision + recall))[:-1]
+        best = curve_f1.max()
+        _same(selection.f1[j], best)
+        _same(f1_score(y[:, j], s[:, j] >= selection.thresholds[j]), best)
+        # The highest threshold among the best cuts: the lowest score kept is that cut.
+        highest_best_cut = cuts[np.abs(curve_f1 - best) < 1e-12].max()
+        assert s[s[:, j] >= selection.thresholds[j], j].min() == highest_best_cut

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vision.errors import ConfigurationError
-from vision.models import create_model, get_architecture, list_architectures, register_model
+from vision.models import EMBEDDING, LOGITS, create_model, get_architecture, list_architectures, register_model, with_outputs
 from vision.models.weights import read_state_dict
 
 ARCHS = list_architectures()
@@ -82,7 +82,7 @@ def test_unknown_architecture_lists_known_ones():
 
 def test_duplicate_registration_is_refused():
     with pytest.raises(ValueError, match="already registered"):
-        register_model("resnet50")(lambda *, num_classes: None)
+        register_model("resnet50", taps=lambda net, signature: net)(lambda *, num_classes: None)
 
 
 def test_bundled_efficientnet_weights_are_the_real_imagenet_ones():
@@ -95,3 +95,37 @@ def test_bundled_efficientnet_weights_are_the_real_imagenet_ones():
         probs = model(x).softmax(-1)[0]
     assert int(probs.argmax()) == 967 and float(probs[967]) > 0.8
     assert len(read_state_dict(get_architecture("efficientnet_lite0").defaults.bundled_weights())) == 296
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("num_classes", [5, 0])
+def test_every_architecture_computes_its_declared_signature(arch, num_classes):
+    """Every registered model exposes logits (unless it is a pure feature extractor), the pooled embedding
+    and its declared feature maps, with the shapes its signature promises for any input size."""
+    module = create_model(arch, num_classes=num_classes, pretrained=False)
+    signature = get_architecture(arch).signature(num_classes)
+    assert (LOGITS in signature.outputs) == (num_classes > 0) and EMBEDDING in signature.outputs
+    assert signature.layers, "every architecture declares feature maps for Features and DELF"
+    tapped = with_outputs(arch, module, num_classes)
+    x = torch.randn(1, 3, 97, 130)
+    with torch.inference_mode():
+        outputs = dict(zip(signature.outputs, tapped(x), strict=True))
+        if num_classes:
+            torch.testing.assert_close(outputs[LOGITS], module(x))  # the taps change nothing
+    for name, value in outputs.items():
+        assert signature.check(name, tuple(value.shape), 97, 130) is None
+        assert torch.isfinite(value).all()
+
+
+def test_random_initialisation_is_seeded():
+    a = create_model("resnet50", num_classes=3, pretrained=False)
+    b = create_model("resnet50", num_classes=3, pretrained=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_imagenet_names_are_torchvisions_public_metadata():
+    from torchvision.models import ResNet50_Weights
+
+    from vision.models.labels import imagenet_names
+
+    assert imagenet_names() == tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,9 +15,27 @@ from vision.backends.torch_backend import TorchBackend, run_on_torch_thread
 from vision.errors import ConfigurationError
 from vision.export import PARITY_TOLERANCE, export_onnx
 from vision.imaging import PRESETS, preprocess
-from vision.models import create_model
-from vision.repository import load_model
+from vision.loading import load_model
+from vision.models import InputGeometry, create_model, get_architecture, with_outputs
+from vision.repository import ModelRepository
 from vision.settings import ModelConfig, ServeSettings
+
+
+def signature_of(arch: str, num_classes: int, crop: int = 224):
+    sig = get_architecture(arch).signature(num_classes)
+    return replace(sig, geometry=InputGeometry(crop_size=crop))
+
+
+def exported(arch: str, path, num_classes: int = 1000, crop: int = 224, **kwargs):
+    """(module with every output, its signature, the verified export)."""
+    sig = signature_of(arch, num_classes, crop)
+
+    def build():
+        module = with_outputs(arch, create_model(arch, num_classes=num_classes, **kwargs), num_classes)
+        return module, export_onnx(module, path, signature=sig)
+
+    module, export = run_on_torch_thread(build)
+    return module, sig, export
 
 
 def real_batch() -> np.ndarray:
@@ -25,24 +44,43 @@ def real_batch() -> np.ndarray:
 
 
 @pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet50"])
-def test_onnxruntime_matches_torch_on_real_photos(arch, tmp_path):
-    module = run_on_torch_thread(create_model, arch)
-    exported = run_on_torch_thread(lambda: export_onnx(module, tmp_path / "m.onnx", crop_size=224))
-    assert exported.max_abs_diff <= PARITY_TOLERANCE
+def test_onnxruntime_matches_torch_on_real_photos_for_every_output(arch, tmp_path):
+    module, sig, export = exported(arch, tmp_path / "m.onnx", pretrained=arch == "efficientnet_lite0")
+    assert export.max_abs_diff <= PARITY_TOLERANCE
+    assert export.output_names == sig.outputs and sig.outputs[:2] == ("logits", "embedding")
     batch = real_batch()
-    ort_logits = OnnxRuntimeBackend(exported.path, threads=2).forward(batch)["logits"]
-    torch_logits = run_on_torch_thread(TorchBackend(module).forward, batch)["logits"]
-    assert ort_logits.shape == (3, 1000)
-    assert np.abs(ort_logits - torch_logits).max() <= 1e-4
+    ort = OnnxRuntimeBackend(export.path, threads=2).forward(batch, sig.outputs)
+    eager = run_on_torch_thread(TorchBackend(module, output_names=sig.outputs).forward, batch, sig.outputs)
+    for name in sig.outputs:
+        assert ort[name].shape == (3, *sig.output_shape(name, 224, 224))
+        scale = max(1.0, float(np.abs(eager[name]).max()))
+        assert np.abs(ort[name] - eager[name]).max() / scale <= 1e-4, name
     if arch == "efficientnet_lite0":
-        assert ort_logits[0].argmax() == 967 and ort_logits[2].argmax() == 657
+        assert ort["logits"][0].argmax() == 967 and ort["logits"][2].argmax() == 657
+
+
+def test_variable_geometry_export_takes_any_height_and_width(tmp_path):
+    _, sig, export = exported("efficientnet_lite0", tmp_path / "v.onnx")
+    backend = OnnxRuntimeBackend(export.path, threads=2)
+    for height, width in ((224, 224), (200, 333), (97, 64)):
+        x = np.random.default_rng(height).standard_normal((2, 3, height, width)).astype(np.float32)
+        out = backend.forward(x, sig.outputs)
+        for name in sig.outputs:
+            assert sig.check(name, out[name][:1].shape, height, width) is None
+
+
+def test_a_caller_gets_only_the_outputs_it_asks_for(tmp_path):
+    _, sig, export = exported("resnet50", tmp_path / "r.onnx", num_classes=4, crop=64)
+    backend = OnnxRuntimeBackend(export.path, threads=2)
+    x = np.zeros((1, 3, 64, 64), np.float32)
+    assert set(backend.forward(x, ("embedding",))) == {"embedding"}
+    assert set(backend.forward(x)) == {"logits"}
 
 
 def test_dynamic_batch_axis_and_batching(tmp_path):
-    module = run_on_torch_thread(create_model, "resnet50", num_classes=4)
-    exported = run_on_torch_thread(lambda: export_onnx(module, tmp_path / "r.onnx", crop_size=64))
+    _, _, export = exported("resnet50", tmp_path / "r.onnx", num_classes=4, crop=64)
     sizes: list[int] = []
-    backend = OnnxRuntimeBackend(exported.path, threads=2, on_batch=lambda s: sizes.append(s.size))
+    backend = OnnxRuntimeBackend(export.path, threads=2, on_batch=lambda s: sizes.append(s.size))
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal((1 + i % 3, 3, 64, 64)).astype(np.float32) for i in range(12)]
 
@@ -61,13 +99,29 @@ def test_dynamic_batch_axis_and_batching(tmp_path):
 def test_export_is_cached_by_weights_digest(tmp_path):
     weights = tmp_path / "w.pt"
     torch.save(create_model("resnet50", num_classes=3).state_dict(), weights)
-    settings = ServeSettings(onnx_cache=tmp_path / "cache", models=[ModelConfig(arch="resnet50", weights=weights, num_classes=3, labels=None)])
+    settings = ServeSettings(onnx_cache=tmp_path / "cache", models=[ModelConfig(arch="resnet50", weights=weights, num_classes=3)])
     config = ModelConfig(arch="resnet50", weights=weights, labels=str(_labels(tmp_path, 3)))
-    run_on_torch_thread(load_model, config, settings)
+    load_model(config, settings)
     (cached,) = list((tmp_path / "cache").glob("*.onnx"))
     stamp = cached.stat().st_mtime_ns
-    run_on_torch_thread(load_model, config, settings)
+    load_model(config, settings)
     assert cached.stat().st_mtime_ns == stamp, "second start re-exported instead of using the cache"
+
+
+def test_random_weights_are_seeded_and_exported_into_the_cache_only(tmp_path, monkeypatch):
+    """Defect 9: an uncached export went to a fresh vision-onnx-* temp folder on every start, never deleted."""
+    import tempfile
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    settings = ServeSettings(onnx_cache=tmp_path / "cache")
+    config = ModelConfig(arch="resnet50", weights="random", num_classes=3, labels=str(_labels(tmp_path, 3)))
+    first = load_model(config, settings)
+    load_model(config, settings)
+    assert len(list((tmp_path / "cache").glob("*.onnx"))) == 1, "seeded random weights must hit the cache"
+    assert list(temp.iterdir()) == [], "nothing may be left in the temp directory"
+    assert first.card.random_weights and first.card.weights_sha256 == ""
 
 
 def _labels(tmp_path, n: int):
@@ -84,10 +138,11 @@ def test_corrupt_onnx_file_is_refused(tmp_path):
 
 
 def test_onnx_file_that_does_not_fit_the_labels_is_a_startup_error(tmp_path):
-    module = run_on_torch_thread(create_model, "resnet50", num_classes=5)
-    onnx = run_on_torch_thread(lambda: export_onnx(module, tmp_path / "five.onnx", crop_size=224)).path
+    _, _, export = exported("resnet50", tmp_path / "five.onnx", num_classes=5)
     labels = _labels(tmp_path, 3)
     settings = ServeSettings(onnx_cache=tmp_path / "cache")
-    config = ModelConfig(arch="resnet50", labels=str(labels), onnx=onnx)
-    with pytest.raises(ConfigurationError, match=r"shape \(1, 5\).*\(1, 3\)"):
-        run_on_torch_thread(load_model, config, settings)
+    config = ModelConfig(arch="resnet50", labels=str(labels), onnx=export.path, weights="random")
+    repository = ModelRepository([load_model(config, settings)])
+    with pytest.raises(ConfigurationError, match=r"'logits' has shape \(1, 5\).*\(1, 3\)"):
+        asyncio.run(repository.start())
+    asyncio.run(repository.close())

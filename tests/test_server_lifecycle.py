@@ -124,26 +124,3 @@ def test_port_in_use_is_a_clear_startup_error():
         )
     assert result.returncode == 1
     assert f"cannot bind gRPC on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_health_per_service_follows_models_and_readiness():
-    from grpc_health.v1 import health_pb2
-
-    from vision.server import _health_state
-
-    class Repo:
-        def __init__(self, tasks: set[str], ready: bool) -> None:
-            self.tasks, self._ready = tasks, ready
-
-        def ready(self) -> bool:
-            return self._ready
-
-        def list(self, task: str) -> list[str]:
-            return [task] if task in self.tasks else []
-
-    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-    services = {"vision.v1.Classification": "classification", "vision.v1.Tagging": "tagging"}
-    only_multilabel = _health_state(Repo({"multilabel", "tagging"}, True), services)
-    assert only_multilabel == {"": serving, "vision.v1.Classification": not_serving, "vision.v1.Tagging": serving}
-    backend_down = _health_state(Repo({"classification", "tagging"}, False), services)
-    assert set(backend_down.values()) == {not_serving}

@@ -1,21 +1,29 @@
-"""What every image service does between the wire and its postprocessing: pick the model, check the
-batch, decode + preprocess the images in a thread pool, run the backend. Services stay thin."""
+"""What every image service does between the wire and its response, in one place: find the model (and
+hold it while the request runs), check the batch, decode and cut each image into its views in a thread
+pool, run the views through the backend grouped by shape, and run the task's postprocessing off the event
+loop. Servicers only convert protobuf to a `TaskCall` and the task's results back.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
 from vision import metrics
 from vision.backends import Outputs
 from vision.errors import InvalidArgument, InvalidImage, ResourceExhausted
-from vision.imaging import DecodeLimits, decode_image, preprocess
-from vision.repository import ModelRepository, ServedModel
+from vision.imaging import DecodeLimits, decode_image
+from vision.repository import ModelCard, ModelRepository, ServedModel
+from vision.views import ViewSpec, make_views
+
+P = TypeVar("P", contravariant=True)
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,66 @@ class EncodedImage:
 
     id: str
     content: bytes
+
+
+class ViewOutputs:
+    """Model outputs of every view of every image of a request, views in image-major order."""
+
+    def __init__(self, views_per_image: list[int], groups: list[tuple[list[int], Outputs]], n_views: int) -> None:
+        self.views_per_image = views_per_image
+        # (positions of the views in request order, their outputs stacked in that order) per input shape.
+        self._groups = groups
+        self._n_views = n_views
+
+    def stacked(self, name: str) -> np.ndarray:
+        """Output `name` of all views, (n_views, ...), in request order. Needs one shape across views."""
+        if len(self._groups) == 1:
+            return self._groups[0][1][name]  # crop views: one forward group already in request order
+        rows = self.per_view(name)
+        return np.stack(rows)
+
+    def per_view(self, name: str) -> list[np.ndarray]:
+        """Output `name` of each view, without the batch axis, in request order (shapes may differ)."""
+        rows: list[np.ndarray | None] = [None] * self._n_views
+        for positions, outputs in self._groups:
+            values = outputs[name]
+            for row, position in enumerate(positions):
+                rows[position] = values[row]
+        return rows  # type: ignore[return-value]
+
+    def per_image(self, name: str) -> list[list[np.ndarray]]:
+        """Output `name` of each image's views."""
+        rows = self.per_view(name)
+        result, start = [], 0
+        for count in self.views_per_image:
+            result.append(rows[start : start + count])
+            start += count
+        return result
+
+
+class Task(Protocol[P, R]):
+    """A task's model-facing half (vision.tasks.*): what to feed, what to read, how to turn it into results.
+
+    `postprocess` runs in a worker thread: it is pure numpy over a whole request."""
+
+    #: The capability a model must have (ModelCard.tasks) to be used for this task.
+    name: str
+
+    def validate(self, card: ModelCard, params: P) -> None: ...
+
+    def views(self, card: ModelCard, params: P) -> ViewSpec: ...
+
+    def outputs(self, card: ModelCard, params: P) -> tuple[str, ...]: ...
+
+    def postprocess(self, card: ModelCard, outputs: ViewOutputs, params: P) -> R: ...
+
+
+@dataclass(frozen=True)
+class TaskCall(Generic[P]):
+    model_name: str
+    model_version: str
+    images: Sequence[EncodedImage]
+    params: P
 
 
 class DataPlane:
@@ -39,9 +107,15 @@ class DataPlane:
         self._limits = limits
         self._max_images = max_images_per_request
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="decode")
+        # Postprocessing and response building of a large request (a 64-image Tag at threshold 0 makes
+        # ~115k tags) take long enough to stall every other RPC if run on the event loop.
+        self._post_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=decode_workers, thread_name_prefix="postprocess"
+        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._post_pool.shutdown(wait=False, cancel_futures=True)
 
     def check_batch(self, images: Sequence[EncodedImage]) -> None:
         if not images:
@@ -52,39 +126,71 @@ class DataPlane:
                 "split it into several requests"
             )
 
-    def _load_one(self, model: ServedModel, index: int, image: EncodedImage) -> np.ndarray:
+    async def execute(
+        self,
+        task: Task[P, R],
+        call: TaskCall[P],
+        service: str,
+        respond: Callable[[ModelCard, Sequence[EncodedImage], R], Any],
+    ) -> Any:
+        """Run `call` through `task` on the model it selects and return `respond(card, images, results)`,
+        computed in a worker thread with the postprocessing."""
+        model = self.repository.get(call.model_name, call.model_version, task=task.name)
+        with model.lease():
+            card = model.card
+            task.validate(card, call.params)
+            outputs = await self.infer(model, call.images, task.views(card, call.params), task.outputs(card, call.params))
+            metrics.IMAGES.labels(service=service, model=card.name, version=card.version).inc(len(call.images))
+
+            def finish() -> Any:
+                return respond(card, call.images, task.postprocess(card, outputs, call.params))
+
+            return await asyncio.get_running_loop().run_in_executor(self._post_pool, finish)
+
+    def _load_one(self, model: ServedModel, spec: ViewSpec, index: int, image: EncodedImage) -> list[np.ndarray]:
         labels = {"model": model.card.name, "version": model.card.version}
         preset = model.card.preset
         try:
             started = time.perf_counter()
-            decoded = decode_image(image.content, self._limits, min_target_side=preset.resize_shorter)
+            decoded = decode_image(image.content, self._limits, min_target_side=spec.min_decode_side(preset))
             decoded_at = time.perf_counter()
-            array = preprocess(decoded, preset)
+            views = make_views(decoded, preset, spec)
         except InvalidImage as exc:
             raise exc.at(index, image.id) from None
         metrics.STAGE_LATENCY.labels(stage="decode", **labels).observe(decoded_at - started)
         metrics.STAGE_LATENCY.labels(stage="preprocess", **labels).observe(time.perf_counter() - decoded_at)
-        return array
+        return views
 
-    async def load_images(self, model: ServedModel, images: Sequence[EncodedImage]) -> np.ndarray:
-        """(N, C, H, W) float32 for the model's preset; the first bad image fails the call, naming its index,
+    async def load_views(self, model: ServedModel, images: Sequence[EncodedImage], spec: ViewSpec) -> list[list[np.ndarray]]:
+        """Each image's views for the model's preset; the first bad image fails the call, naming its index,
         and the decodes not started yet are cancelled (a bad request should not keep the pool busy)."""
         self.check_batch(images)
         loop = asyncio.get_running_loop()
-        futures = [loop.run_in_executor(self._pool, self._load_one, model, i, img) for i, img in enumerate(images)]
+        futures = [loop.run_in_executor(self._pool, self._load_one, model, spec, i, img) for i, img in enumerate(images)]
         try:
             done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
             for future in futures:  # in request order, so the lowest failed index is reported
                 if future in done and future.exception() is not None:
                     raise future.exception()  # type: ignore[misc]
-            return np.stack([f.result() for f in futures])
+            return [f.result() for f in futures]
         finally:
             for future in futures:
                 future.cancel()
 
-    async def run(self, model: ServedModel, images: Sequence[EncodedImage], service: str) -> Outputs:
-        """Decode, preprocess and infer `images` with `model` (found by the servicer via `repository.get`)."""
-        batch = await self.load_images(model, images)
-        outputs = await model.infer(batch)
-        metrics.IMAGES.labels(service=service, model=model.card.name, version=model.card.version).inc(len(images))
-        return outputs
+    async def infer(
+        self, model: ServedModel, images: Sequence[EncodedImage], spec: ViewSpec, outputs: tuple[str, ...]
+    ) -> ViewOutputs:
+        """Decode, cut into views and infer; views of one shape go to the backend as one batch (all of a
+        request's centre crops or ten-crops: one call), other shapes as batches of their own, concurrently."""
+        per_image = await self.load_views(model, images, spec)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        flat: list[np.ndarray] = []
+        for views in per_image:
+            for view in views:
+                by_shape.setdefault(view.shape, []).append(len(flat))
+                flat.append(view)
+        positions = list(by_shape.values())
+        results = await asyncio.gather(
+            *(model.infer(flat[p[0]][None] if len(p) == 1 else np.stack([flat[i] for i in p]), outputs) for p in positions)
+        )
+        return ViewOutputs([len(v) for v in per_image], list(zip(positions, results, strict=True)), len(flat))

@@ -160,6 +160,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def resized_size(size: tuple[int, int], resize_shorter: int) -> tuple[int, int]:
+    """(width, height) after torchvision's Resize(resize_shorter): the shorter side becomes resize_shorter,
+    the longer one is scaled and truncated as torchvision does."""
+    width, height = size
+    if width <= height:
+        return resize_shorter, int(resize_shorter * height / width)
+    return int(resize_shorter * width / height), resize_shorter
+
+
 def resize_center_crop(img: Image.Image, resize_shorter: int, crop_size: int) -> Image.Image:
     """torchvision's Resize(shorter) + CenterCrop(crop) on a PIL image, same sizes and rounding.
 
@@ -168,10 +177,7 @@ def resize_center_crop(img: Image.Image, resize_shorter: int, crop_size: int) ->
     long side (an 8×1,000,000 PNG would otherwise be resized to 256×32,000,000 first).
     """
     width, height = img.size
-    if width <= height:
-        new_w, new_h = resize_shorter, int(resize_shorter * height / width)
-    else:
-        new_w, new_h = int(resize_shorter * width / height), resize_shorter
+    new_w, new_h = resized_size(img.size, resize_shorter)
     top = int(round((new_h - crop_size) / 2.0))
     left = int(round((new_w - crop_size) / 2.0))
     scale_x, scale_y = width / new_w, height / new_h

@@ -7,7 +7,12 @@ collectors (RSS, CPU, open fds) are exported beside them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from vision.repository import ModelCard
 
 # Latency buckets from 1 ms to 30 s: batch-1 CPU inference is ~5-50 ms, large batches and Triton retries longer.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -50,10 +55,28 @@ MODEL_INFO = Gauge(
 )
 
 
-def record_model(name: str, version: str, architecture: str, backend: str, weights_sha256: str) -> None:
+def record_model(card: "ModelCard") -> None:
+    sha = "random" if card.random_weights else card.weights_sha256[:16]
     MODEL_INFO.labels(
-        model=name, version=version, architecture=architecture, backend=backend, weights_sha256=weights_sha256[:16]
+        model=card.name, version=card.version, architecture=card.architecture, backend=card.backend, weights_sha256=sha
     ).set(1)
+
+
+# Every metric with `model` and `version` labels: a retired version's series are removed from all of them.
+_PER_MODEL = (IMAGES, STAGE_LATENCY, BATCH_SIZE, QUEUE_DEPTH, BACKEND_ERRORS, MODEL_INFO)
+
+
+def forget_model(name: str, version: str) -> None:
+    """Remove every series of a retired model version, so dashboards don't show it as idle forever."""
+    for metric in _PER_MODEL:
+        names = metric._labelnames  # noqa: SLF001 - prometheus_client has no public accessor for label names
+        for sample_labels in {tuple(sorted(s.labels.items())) for family in metric.collect() for s in family.samples}:
+            labels = dict(sample_labels)
+            if labels.get("model") == name and labels.get("version") == version:
+                try:
+                    metric.remove(*(labels[n] for n in names))
+                except KeyError:  # a histogram's _bucket/_sum samples name the same child: already removed
+                    pass
 
 
 def serve_metrics(host: str, port: int) -> tuple[object, int]:

@@ -1,4 +1,7 @@
-"""The standalone `grpc.aio` runner: every service in one process, plus health, reflection and metrics.
+"""The standalone `grpc.aio` runner: the hosted services in one process, plus health, reflection and metrics.
+
+`--services` picks which of `SERVICES` this process hosts (all by default; one per Deployment in
+Kubernetes); health and reflection list exactly those. Adding a service is one entry in `SERVICES`.
 
 Start-up order matters for operators: models load first (a bad file stops start-up before any port is
 bound), then the port opens, then health turns SERVING. On SIGTERM health turns NOT_SERVING at once (load
@@ -16,18 +19,63 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
+from vision.cpus import describe_cpus
 from vision.dataplane import DataPlane
 from vision.imaging import DecodeLimits
+from vision.loading import load_repository
 from vision.metrics import serve_metrics
-from vision.repository import ModelRepository, load_repository
-from vision.servicers.classification import SERVICE as CLASSIFICATION, TASK as CLASSIFICATION_TASK, ClassificationServicer
-from vision.servicers.tagging import SERVICE as TAGGING, TASK as TAGGING_TASK, TaggingServicer
+from vision.repository import ModelRepository
+from vision.servicers.classification import SERVICE as CLASSIFICATION, ClassificationServicer
+from vision.servicers.tagging import SERVICE as TAGGING, TaggingServicer
 from vision.settings import ServeSettings
-from vision.v1 import classification_pb2, classification_pb2_grpc, tagging_pb2, tagging_pb2_grpc
+from vision.tasks.classification import CLASSIFICATION as CLASSIFICATION_TASK
+from vision.tasks.tagging import TAGGING as TAGGING_TASK
+from vision.v1 import classification_pb2_grpc, tagging_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HostedService:
+    # The `--services` name.
+    name: str
+    # Fully qualified gRPC name, as health checks and reflection use it.
+    full_name: str
+    # The model capability its default model must have (ModelCard.tasks).
+    task: str
+    add_to_server: Callable[[DataPlane, grpc.aio.Server], None]
+
+
+SERVICES: tuple[HostedService, ...] = (
+    HostedService(
+        "classification", CLASSIFICATION, CLASSIFICATION_TASK.name,
+        lambda dp, server: classification_pb2_grpc.add_ClassificationServicer_to_server(ClassificationServicer(dp), server),
+    ),
+    HostedService(
+        "tagging", TAGGING, TAGGING_TASK.name,
+        lambda dp, server: tagging_pb2_grpc.add_TaggingServicer_to_server(TaggingServicer(dp), server),
+    ),
+)
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(server: grpc.aio.Server, service_names: list[str]) -> None:
+    """Reflection v1alpha (grpcio-reflection's) and v1. grpcio-reflection ships only v1alpha, but the v1
+    protocol is the same messages under a new package name, byte for byte on the wire, so the same servicer
+    answers both; current grpcurl asks for v1 first."""
+    names = [*service_names, reflection.SERVICE_NAME, REFLECTION_V1]
+    reflection.enable_server_reflection(names, server)
+    servicer = ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),))
 
 
 @dataclass(frozen=True)
@@ -52,21 +100,19 @@ def _grpc_options(settings: ServeSettings) -> list[tuple[str, int]]:
 HealthState = dict[str, int]
 
 
-def _health_state(repository: ModelRepository, services: dict[str, str]) -> HealthState:
-    """Per service: SERVING when it has at least one model for its task and every model is ready; the
-    overall entry ("") is SERVING when every backend is ready."""
+def _health_state(repository: ModelRepository, hosted: tuple[HostedService, ...]) -> HealthState:
+    """Per hosted service: SERVING when its default model is ready, so one model that is down takes only
+    its own services out of load balancing. The overall entry ("") is SERVING when every hosted service is."""
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-    ready = repository.ready()
-    state = {"": serving if ready else not_serving}
-    for name, task in services.items():
-        state[name] = serving if ready and repository.list(task) else not_serving
+    state = {svc.full_name: serving if repository.ready(svc.task) else not_serving for svc in hosted}
+    state[""] = serving if all(v == serving for v in state.values()) else not_serving
     return state
 
 
 async def _update_health(
-    health: health_aio.HealthServicer, repository: ModelRepository, services: dict[str, str], current: HealthState
+    health: health_aio.HealthServicer, repository: ModelRepository, hosted: tuple[HostedService, ...], current: HealthState
 ) -> HealthState:
-    wanted = _health_state(repository, services)
+    wanted = _health_state(repository, hosted)
     for name, status in wanted.items():
         if current.get(name) != status:
             await health.set(name, status)
@@ -76,13 +122,13 @@ async def _update_health(
 
 
 async def _track_health(
-    health: health_aio.HealthServicer, repository: ModelRepository, services: dict[str, str], state: HealthState,
-    interval_s: float = 0.5,
+    health: health_aio.HealthServicer, repository: ModelRepository, hosted: tuple[HostedService, ...],
+    state: HealthState, interval_s: float = 0.5,
 ) -> None:
-    """Keeps health current: a remote Triton can go away and come back."""
+    """Keeps health current: a remote Triton can go away and come back, versions come and go."""
     while True:
         await asyncio.sleep(interval_s)
-        state = await _update_health(health, repository, services, state)
+        state = await _update_health(health, repository, hosted, state)
 
 
 async def serve(
@@ -93,8 +139,13 @@ async def serve(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT (or `stop` is set), then drain and return."""
+    log.info("CPUs: %s; engine threads %d, decode workers %d", describe_cpus(), settings.threads, settings.decode_workers)
     repository = repository or load_repository(settings)
-    await repository.start()
+    try:
+        await repository.start()
+    except BaseException:
+        await repository.close()
+        raise
     dataplane = DataPlane(
         repository,
         limits=DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
@@ -102,20 +153,12 @@ async def serve(
         decode_workers=settings.decode_workers,
     )
     server = grpc.aio.server(options=_grpc_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
-    classification_pb2_grpc.add_ClassificationServicer_to_server(ClassificationServicer(dataplane), server)
-    tagging_pb2_grpc.add_TaggingServicer_to_server(TaggingServicer(dataplane), server)
+    hosted = tuple(svc for svc in SERVICES if svc.name in settings.services)
+    for svc in hosted:
+        svc.add_to_server(dataplane, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    services = {CLASSIFICATION: CLASSIFICATION_TASK, TAGGING: TAGGING_TASK}
-    reflection.enable_server_reflection(
-        [
-            classification_pb2.DESCRIPTOR.services_by_name["Classification"].full_name,
-            tagging_pb2.DESCRIPTOR.services_by_name["Tagging"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-    )
+    _enable_reflection(server, [*(svc.full_name for svc in hosted), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
     address = _hostport(settings.host, settings.port)
     try:
         port = server.add_insecure_port(address)
@@ -130,8 +173,8 @@ async def serve(
         await repository.close()
         raise OSError(f"cannot bind metrics on {_hostport(settings.host, settings.metrics_port)}: {exc.strerror}") from None
     await server.start()
-    state = await _update_health(health, repository, services, {})
-    health_task = asyncio.get_running_loop().create_task(_track_health(health, repository, services, state))
+    state = await _update_health(health, repository, hosted, {})
+    health_task = asyncio.get_running_loop().create_task(_track_health(health, repository, hosted, state))
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -6,23 +6,23 @@ Every field can be set by a CLI flag of `vision serve` or an environment variabl
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from vision.cpus import available_cpus
 from vision.errors import ConfigurationError
 
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (cgroup/affinity aware where the OS says), the default thread count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
+# The CPUs this process may use: affinity and the container's cgroup CPU quota, the default thread count.
 _CPUS = available_cpus()
+
+Backend = Literal["onnxruntime", "torch", "triton"]
+# Every gRPC service `vision serve` can host (vision.server.SERVICES has one entry for each).
+SERVICE_NAMES = ("classification", "tagging")
+# `weights=random`: serve randomly initialised (seeded) weights on purpose, for tests and load tests.
+RANDOM_WEIGHTS = "random"
 
 
 class ModelConfig(BaseModel):
@@ -33,11 +33,16 @@ class ModelConfig(BaseModel):
     arch: str = Field(description="Builder name in the model registry, e.g. efficientnet_lite0, resnet50.")
     name: str | None = Field(None, description="Name clients select the model by; defaults to arch.")
     version: str = Field("1", min_length=1, description="Version reported in every response.")
-    weights: Path | None = Field(
-        None, description="State dict or registry checkpoint; default: the weights bundled for arch, if any."
+    weights: Literal["random"] | Path | None = Field(
+        None,
+        description="State dict or registry checkpoint; default: the weights bundled for arch. An architecture "
+        "without bundled weights needs a file, or 'random' to serve seeded random weights on purpose.",
     )
+    backend: Backend | None = Field(None, description="Inference engine for this model; default: --backend.")
     labels: str | None = Field(
-        None, description="'imagenet', or a label file (index<TAB>name per line, or ML-Images hierarchy)."
+        None,
+        description="'imagenet', a label file (index<TAB>name per line, ML-Images hierarchy, NUS-WIDE JSON), or "
+        "'none' for a pure feature extractor (no classifier head).",
     )
     preset: str | None = Field(None, description="Preprocessing preset; default: the architecture's.")
     triton_model: str | None = Field(None, description="Model name in Triton's repository; default: name.")
@@ -82,9 +87,14 @@ class ServeSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind gRPC and metrics on.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one.")
-    backend: Literal["onnxruntime", "torch", "triton"] = Field(
+    services: Annotated[list[Literal["classification", "tagging"]], NoDecode] = Field(
+        default_factory=lambda: list(SERVICE_NAMES),
+        description="gRPC services to host, comma-separated (one per Deployment in Kubernetes); default: all.",
+    )
+    backend: Backend = Field(
         "onnxruntime",
-        description="Inference engine for every model (onnxruntime: fastest on CPU; torch: eager; triton: remote).",
+        description="Default inference engine of the models (onnxruntime: fastest on CPU; torch: eager; triton: "
+        "remote); a model spec's backend= overrides it.",
     )
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC address for --backend triton.")
     triton_timeout_s: float = Field(10.0, gt=0, description="Per-attempt timeout of a Triton inference call.")
@@ -128,6 +138,17 @@ class ServeSettings(BaseSettings):
     decode_workers: int = Field(_CPUS, ge=1, description="Threads decoding and preprocessing images.")
     grace_seconds: float = Field(10.0, ge=0, description="On SIGTERM, how long in-flight RPCs may finish.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("services", mode="before")
+    @classmethod
+    def _split_services(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and not value:
+            raise ValueError(f"host at least one service; known: {', '.join(SERVICE_NAMES)}")
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError("a service is listed twice")
+        return value
 
     @field_validator("models")
     @classmethod

@@ -1,8 +1,9 @@
 """The one interface every inference engine implements (torch, ONNX Runtime, Triton).
 
-A backend takes a preprocessed float32 batch (N, C, H, W) and returns named outputs, each (N, ...).
-Classification reads "logits"; feature and keypoint services will read other named outputs of the same
-model (a pooled descriptor, a conv feature map), which is why outputs are a mapping and not one array.
+A backend takes a preprocessed float32 batch (N, C, H, W) and the names of the outputs the caller wants,
+and returns those outputs, each (N, ...). Classification reads "logits"; Features and DELF read other
+named outputs of the same model (the pooled embedding, a conv feature map): one loaded graph serves every
+task, and a caller pays only for copying out what it asked for.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-Outputs = dict[str, np.ndarray]
+from vision.models.signature import LOGITS
 
-LOGITS = "logits"
+Outputs = dict[str, np.ndarray]
 
 # time.monotonic() by which the current RPC's caller gives up (None: no deadline). Set once per RPC by the
 # transport layer; remote backends bound their waits and retries by it.
@@ -42,8 +43,9 @@ class InferenceBackend(abc.ABC):
     kind: str = ""
 
     @abc.abstractmethod
-    async def infer(self, batch: np.ndarray) -> Outputs:
-        """Forward `batch` (float32, N×C×H×W); safe to call concurrently, batching is the backend's job."""
+    async def infer(self, batch: np.ndarray, outputs: tuple[str, ...] = (LOGITS,)) -> Outputs:
+        """Forward `batch` (float32, N×C×H×W) and return `outputs` by name; safe to call concurrently,
+        batching is the backend's job."""
 
     @abc.abstractmethod
     def is_ready(self) -> bool:

@@ -3,6 +3,10 @@
 Requests from many RPCs are queued; one worker thread runs forward passes one after another. While a pass
 runs, new requests accumulate, so under load batches grow by themselves and at low load a lone request is
 dispatched at once (no added latency). `max_wait_ms` > 0 additionally holds a non-full batch open a little.
+Only inputs of one shape can share a forward pass, so a batch is formed from the oldest request and the
+queued requests of the same shape behind it; requests of other shapes keep their place and head later
+batches (a queue of mixed crops and full-resolution images still runs batched). A batch asks the engine
+for the union of the outputs its requests want, and each request gets back only its own.
 A failed batch is re-run request by request, so one bad request cannot fail its neighbours (the
 Triton python_backend rule: a failure belongs to the request that caused it).
 """
@@ -14,22 +18,24 @@ import collections
 import logging
 import concurrent.futures
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from vision.backends.base import BatchingConfig, Outputs
+from vision.backends.base import LOGITS, BatchingConfig, Outputs
 from vision.errors import ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
-RunBatch = Callable[[np.ndarray], Outputs]
+# (inputs, output names) -> those outputs, each with one row per input row.
+RunBatch = Callable[[np.ndarray, tuple[str, ...]], Outputs]
 
 
 @dataclass
 class _Pending:
     inputs: np.ndarray
+    outputs: tuple[str, ...]
     future: asyncio.Future[Outputs]
     enqueued: float
     # Still counted in the queue depth (a withdrawn request stops counting at once, not when popped).
@@ -100,9 +106,9 @@ class DynamicBatcher:
         if self._owns_executor:
             self._executor.shutdown(wait=True)
 
-    async def submit(self, inputs: np.ndarray) -> Outputs:
-        """Run `inputs` (N, ...) through the model, batched with other callers' requests; N may exceed the
-        max batch size (it is split)."""
+    async def submit(self, inputs: np.ndarray, outputs: tuple[str, ...]) -> Outputs:
+        """Run `inputs` (N, ...) through the model, batched with other callers' requests of the same shape,
+        and return `outputs`; N may exceed the max batch size (it is split)."""
         if self._closed:
             raise Unavailable("model is shutting down")
         self.start()
@@ -117,7 +123,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         chunks = [inputs[i : i + self._max_batch] for i in range(0, n, self._max_batch)]
-        pendings = [_Pending(chunk, loop.create_future(), now) for chunk in chunks]
+        pendings = [_Pending(chunk, outputs, loop.create_future(), now) for chunk in chunks]
         self._queue.extend(pendings)
         futures = [p.future for p in pendings]
         self._queued_images += n
@@ -165,28 +171,46 @@ class DynamicBatcher:
         first = self._pop_live()
         if first is None:
             return []
-        batch, size = [first], len(first.inputs)
+        batch = [first]
+        size = len(first.inputs)
         deadline = time.perf_counter() + self._max_wait
-        while size < self._max_batch:
-            if not self._queue:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except TimeoutError:
-                    break
-                continue
-            if len(self._queue[0].inputs) + size > self._max_batch:
-                break  # stays queued: it heads the next batch
-            pending = self._pop_live()
-            if pending is None:
-                continue
-            batch.append(pending)
-            size += len(pending.inputs)
+        while True:
+            # Cleared before scanning, so a request queued after the scan still wakes the wait below.
+            self._wakeup.clear()
+            size = self._take_same_shape(batch, size)
+            remaining = deadline - time.perf_counter()
+            if size >= self._max_batch or remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                break
         self._report_depth()
         return batch
+
+    def _take_same_shape(self, batch: list[_Pending], size: int) -> int:
+        """Move queued requests shaped like `batch[0]` into `batch` while they fit, oldest first; the first
+        one that does not fit stops the scan and heads the next batch of its shape."""
+        shape = batch[0].inputs.shape[1:]
+        kept: collections.deque[_Pending] = collections.deque()
+        while self._queue:
+            pending = self._queue.popleft()
+            if pending.future.done():
+                self._uncount(pending)
+                continue
+            if pending.inputs.shape[1:] != shape:
+                kept.append(pending)
+                continue
+            if size + len(pending.inputs) > self._max_batch:
+                kept.append(pending)
+                kept.extend(self._queue)
+                self._queue.clear()
+                break
+            self._uncount(pending)
+            batch.append(pending)
+            size += len(pending.inputs)
+        self._queue = kept
+        return size
 
     async def _serve(self) -> None:
         while True:
@@ -207,9 +231,10 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
+        wanted = _union(p.outputs for p in batch)
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run_batch, inputs)
-            _check_rows(outputs, len(inputs))
+            outputs = await loop.run_in_executor(self._executor, self._run_batch, inputs, wanted)
+            _check_rows(outputs, len(inputs), wanted)
         except Exception as exc:
             if len(batch) == 1:
                 _resolve(batch[0].future, exc=exc)
@@ -220,7 +245,7 @@ class DynamicBatcher:
         offset = 0
         for pending in batch:
             n = len(pending.inputs)
-            _resolve(pending.future, {k: v[offset : offset + n] for k, v in outputs.items()})
+            _resolve(pending.future, {k: outputs[k][offset : offset + n] for k in pending.outputs})
             offset += n
         if self._on_batch is not None:
             self._on_batch(BatchStats(len(inputs), started - min(p.enqueued for p in batch), finished - started))
@@ -231,17 +256,25 @@ class DynamicBatcher:
             if pending.future.done():
                 continue
             try:
-                result = await loop.run_in_executor(self._executor, self._run_batch, pending.inputs)
-                _check_rows(result, len(pending.inputs))
+                result = await loop.run_in_executor(self._executor, self._run_batch, pending.inputs, pending.outputs)
+                _check_rows(result, len(pending.inputs), pending.outputs)
             except Exception as exc:
                 _resolve(pending.future, exc=exc)
             else:
                 _resolve(pending.future, result)
 
 
-def _check_rows(outputs: Outputs, rows: int) -> None:
+def _union(names: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(name for group in names for name in group))
+
+
+def _check_rows(outputs: Outputs, rows: int, wanted: tuple[str, ...]) -> None:
     """A model must answer every input row; a short answer would silently hand one caller another's rows."""
-    for name, value in outputs.items():
+    missing = [name for name in wanted if name not in outputs]
+    if missing:
+        raise RuntimeError(f"model did not return the outputs {missing}")
+    for name in wanted:
+        value = outputs[name]
         if len(value) != rows:
             raise RuntimeError(f"model output {name!r} has {len(value)} rows for {rows} inputs")
 
@@ -284,8 +317,8 @@ class LocalBatchedBackend:
     async def start(self) -> None:
         self._batcher.start()
 
-    async def infer(self, batch: np.ndarray) -> Outputs:
-        return await self._batcher.submit(batch)
+    async def infer(self, batch: np.ndarray, outputs: tuple[str, ...] = (LOGITS,)) -> Outputs:
+        return await self._batcher.submit(batch, outputs)
 
     def is_ready(self) -> bool:
         return self._batcher.alive()

@@ -48,6 +48,7 @@ class TorchBackend(LocalBatchedBackend, InferenceBackend):
         self,
         module: nn.Module,
         *,
+        output_names: tuple[str, ...] = (LOGITS,),
         device: str = "cpu",
         batching: BatchingConfig = BatchingConfig(),
         channels_last: bool = True,
@@ -59,14 +60,18 @@ class TorchBackend(LocalBatchedBackend, InferenceBackend):
         # channels_last lets oneDNN/cuDNN pick faster convolution kernels (about 1.2-4x on these CPUs).
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._module = module.eval().to(self._device, memory_format=self._memory_format)
+        # What the module's forward returns, in order (a tuple from `vision.models.with_outputs`, or one
+        # tensor for a plain single-output module).
+        self.output_names = output_names
         self._init_batching(
             self.forward, batching=batching, on_batch=on_batch, on_queue_depth=on_queue_depth, name=name, executor=torch_thread()
         )
 
-    def forward(self, batch: np.ndarray) -> Outputs:
+    def forward(self, batch: np.ndarray, outputs: tuple[str, ...] = (LOGITS,)) -> Outputs:
         """Synchronous forward pass (runs in the batcher's worker thread, or directly in benchmarks)."""
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self._device).contiguous(memory_format=self._memory_format)
             out = self._module(x)
-        return {LOGITS: out.float().cpu().numpy()}
+            found = dict(zip(self.output_names, out if isinstance(out, tuple) else (out,), strict=True))
+            return {name: found[name].float().cpu().numpy() for name in outputs}
 

@@ -1,54 +1,113 @@
 """Remote inference on NVIDIA Triton Inference Server over gRPC (tritonclient's asyncio client).
 
 Triton does the cross-request batching (its `dynamic_batching`), so this backend sends each request as it
-comes. It pins the model version it was configured with, so the version in every response is the one
-Triton served. Transient failures (Triton restarting, connection refused) are retried a bounded number of
-times within the caller's deadline, then surface as UNAVAILABLE; a monitor task keeps `is_ready()` current
-so the health service stops advertising SERVING while Triton or the model is down, and recovers by itself.
+comes, asking Triton for only the outputs the caller wants. It pins the model version it was configured
+with, so the version in every response is the one Triton served. Transient failures (Triton restarting,
+connection refused, the version reloading) are retried a bounded number of times within the caller's
+deadline, then surface as UNAVAILABLE; a monitor task keeps `is_ready()` current so the health service
+stops advertising SERVING while Triton or the model is down, and recovers by itself.
+
+Whenever the pinned version (re)appears, it is checked against the served model's signature: one forward
+pass of a blank crop, every output requested, each shape checked (`Signature.check`). A model that does not
+fit (say a 10-class export behind 12 labels) stops start-up with ConfigurationError; found later, it keeps
+the backend not ready and every request fails with FAILED_PRECONDITION naming the reason, instead of health
+saying SERVING while each request would fail deep in postprocessing.
+
+Nothing here imports torch: `--backend triton` serves without it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import time
+import uuid
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from vision.backends.base import InferenceBackend, Outputs, request_deadline
 from vision.backends.batching import BatchStats
-from vision.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, Unavailable, VisionError
+from vision.errors import (
+    ConfigurationError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    ResourceExhausted,
+    Unavailable,
+    VisionError,
+)
+from vision.models.signature import LOGITS, Signature
 
 log = logging.getLogger(__name__)
+
 
 class _AttemptTimedOut(Unavailable):
     """Triton took longer than the per-attempt timeout, before the caller's deadline."""
 
 
+class _Transient(Exception):
+    """The check of a newly ready version could not run (Triton went away meanwhile): try again later."""
+
+
+def _status(exc: Exception) -> str:
+    """The gRPC status tritonclient reports, e.g. "StatusCode.NOT_FOUND" ("" when it has none)."""
+    status = getattr(exc, "status", None)
+    return str(status() or "") if callable(status) else ""
+
+
+def _message(exc: Exception) -> str:
+    message = getattr(exc, "message", None)
+    return str(message() if callable(message) else exc) or str(exc)
+
+
 class _SharedMemoryPool:
     """System shared-memory regions for input tensors, registered with Triton: the service writes the batch
     into a region and sends only its name, instead of serialising the tensor into the gRPC message.
-    Registrations live in the Triton process, so they are renewed whenever Triton comes back."""
+    Registrations live in the Triton process, so they are renewed whenever Triton comes back.
 
-    def __init__(self, prefix: str, regions: int, region_bytes: int) -> None:
+    Region names (the /dev/shm key and Triton's registration name are the same) carry the process, the
+    model, the version and a nonce of this pool: two backends in one process, such as two versions of one
+    model, must never write into each other's regions, and `create_only` makes a clash an error at start-up
+    instead of silently shared memory."""
+
+    def __init__(self, model: str, version: str, regions: int, region_bytes: int) -> None:
         import tritonclient.utils.shared_memory as shm
 
         self._shm = shm
         self.region_bytes = region_bytes
-        self._names = [f"{prefix}_{i}" for i in range(regions)]
-        self._handles = {name: shm.create_shared_memory_region(name, f"/{name}", region_bytes) for name in self._names}
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{model}_v{version}")
+        prefix = f"vision_{os.getpid()}_{safe}_{uuid.uuid4().hex[:8]}"
+        self.names = [f"{prefix}_{i}" for i in range(regions)]
+        self._handles: dict[str, Any] = {}
+        try:
+            for name in self.names:
+                self._handles[name] = shm.create_shared_memory_region(
+                    name, f"/{name}", region_bytes, create_only=True
+                )
+        except Exception:
+            self.destroy()
+            raise
         self._free: asyncio.Queue[str] = asyncio.Queue()
-        for name in self._names:
+        for name in self.names:
             self._free.put_nowait(name)
 
-    async def register(self, client: object) -> None:
-        for name in self._names:
+    async def register(self, client: Any) -> None:
+        for name in self.names:
             try:
-                await client.unregister_system_shared_memory(name)  # type: ignore[attr-defined]
-            except Exception:  # not registered yet: fine
+                await client.unregister_system_shared_memory(name)
+            except Exception:  # noqa: BLE001 - not registered (a fresh Triton): nothing to undo
                 pass
-            await client.register_system_shared_memory(name, f"/{name}", self.region_bytes)  # type: ignore[attr-defined]
+            await client.register_system_shared_memory(name, f"/{name}", self.region_bytes)
+
+    async def unregister(self, client: Any) -> None:
+        for name in self.names:
+            try:
+                await client.unregister_system_shared_memory(name)
+            except Exception:  # noqa: BLE001 - Triton gone: its registrations went with it
+                pass
 
     async def acquire(self) -> str:
         return await self._free.get()
@@ -65,8 +124,6 @@ class _SharedMemoryPool:
         self._handles.clear()
 
 
-
-
 class TritonBackend(InferenceBackend):
     kind = "triton"
 
@@ -76,8 +133,8 @@ class TritonBackend(InferenceBackend):
         model_name: str,
         model_version: str,
         *,
+        signature: Signature,
         input_name: str = "images",
-        output_names: tuple[str, ...] = ("logits",),
         timeout_s: float = 10.0,
         retries: int = 3,
         health_interval_s: float = 1.0,
@@ -89,13 +146,23 @@ class TritonBackend(InferenceBackend):
         self._model = model_name
         self._version = model_version
         self._input_name = input_name
-        self.output_names = output_names
+        self.signature = signature
+        self.output_names = signature.outputs
         self._timeout = timeout_s
         self._retries = retries
         self._health_interval = health_interval_s
         self._on_batch = on_batch
-        self._client = None
+        self._client: Any = None
         self._ready = False
+        # What Triton said at the last probe, and the config the last signature check ran against: a check
+        # runs again when the version reappears or its config changes (a reload with another config).
+        self._triton_ready = False
+        self._checked_config: dict[str, Any] | None = None
+        # Why the served version does not fit the signature (None: it fits, or it was not checked yet).
+        self._mismatch: str | None = None
+        # The monitor and a retrying request may probe at once; one probe at a time keeps the shared-memory
+        # re-registration and the signature check from running twice over each other.
+        self._probe_lock = asyncio.Lock()
         self._monitor: asyncio.Task[None] | None = None
         # 0 disables shared memory; otherwise the size of each region (requests that don't fit use gRPC).
         self._shm_bytes = shared_memory_bytes
@@ -103,13 +170,15 @@ class TritonBackend(InferenceBackend):
         self._shm: _SharedMemoryPool | None = None
         self._max_batch: int | None = None  # None: not read from Triton yet
 
+    @property
+    def _where(self) -> str:
+        return f"Triton model {self._model!r} version {self._version} at {self._url}"
+
     async def start(self) -> None:
         import tritonclient.grpc.aio as triton_grpc
 
         if self._shm_bytes:
-            import os
-
-            self._shm = _SharedMemoryPool(f"vision_{os.getpid()}_{self._model}", self._shm_regions, self._shm_bytes)
+            self._shm = _SharedMemoryPool(self._model, self._version, self._shm_regions, self._shm_bytes)
         self._client = triton_grpc.InferenceServerClient(
             url=self._url,
             channel_args=[
@@ -123,66 +192,129 @@ class TritonBackend(InferenceBackend):
                 ("grpc.max_reconnect_backoff_ms", 1000),
             ],
         )
-        await self._check_ready()
-        if not self._ready:
-            log.warning("Triton model %s version %s is not ready at %s yet", self._model, self._version, self._url)
+        await self._probe(starting=True)
+        if self._mismatch is not None:
+            reason = self._mismatch
+            await self.close()
+            raise ConfigurationError(f"{self._where} does not fit the served model: {reason}")
+        if not self._triton_ready:
+            log.warning("%s is not ready yet", self._where)
         self._monitor = asyncio.get_running_loop().create_task(self._watch(), name=f"triton-health-{self._model}")
 
-    async def _check_ready(self) -> bool:
+    async def _probe(self, starting: bool = False) -> None:
+        """Ask Triton whether the pinned version is ready; check it against the signature when it is new."""
+        async with self._probe_lock:
+            await self._probe_locked(starting)
+
+    async def _probe_locked(self, starting: bool) -> None:
         assert self._client is not None
-        was_ready = self._ready
         try:
-            ready = bool(await self._client.is_model_ready(self._model, self._version, client_timeout=self._health_interval))
-            if ready and not was_ready:
-                self._max_batch = None  # the model may have been reloaded with another config
-                await self._fetch_max_batch()
-                if self._shm is not None:
-                    # A (re)started Triton knows none of our regions.
-                    await self._shm.register(self._client)
-            self._ready = ready
-        except Exception:  # any transport error means "not ready"; the reason is in the next infer's error
-            self._ready = False
-        return self._ready
+            ready = bool(
+                await self._client.is_model_ready(self._model, self._version, client_timeout=self._health_interval)
+            )
+            config = None
+            if ready:
+                config = await self._client.get_model_config(
+                    self._model, self._version, as_json=True, client_timeout=self._health_interval
+                )
+        except Exception:  # noqa: BLE001 - any transport error means "not ready"; the next infer says why
+            ready, config = False, None
+        if not ready:
+            self._triton_ready = self._ready = False
+            self._checked_config, self._mismatch = None, None
+            return
+        if self._triton_ready and config == self._checked_config:
+            self._ready = self._mismatch is None
+            return
+        # Newly ready, or reloaded with another config: it may batch differently, have other outputs, and
+        # a (re)started Triton knows none of our shared-memory regions.
+        try:
+            self._max_batch = int(config["config"].get("max_batch_size", 0))  # type: ignore[index]
+            if self._shm is not None:
+                await self._shm.register(self._client)
+            mismatch = await self._check_outputs()
+        except _Transient:
+            self._triton_ready = self._ready = False
+            return
+        except Exception as exc:  # noqa: BLE001 - same as a failed probe: retried at the next one
+            log.debug("%s: readiness check failed: %s", self._where, exc)
+            self._triton_ready = self._ready = False
+            return
+        self._triton_ready, self._checked_config, self._mismatch = True, config, mismatch
+        self._ready = mismatch is None
+        if mismatch is not None and not starting:
+            log.error("%s does not fit the served model, refusing its requests: %s", self._where, mismatch)
+
+    async def _check_outputs(self) -> str | None:
+        """Why the served version's outputs do not fit the signature (None when they do), from one forward
+        pass of a blank crop with every output requested."""
+        import tritonclient.grpc.aio as triton_grpc
+
+        crop = self.signature.geometry.crop_size
+        blank = np.zeros((1, 3, crop, crop), dtype=np.float32)
+        inputs = [triton_grpc.InferInput(self._input_name, list(blank.shape), "FP32")]
+        inputs[0].set_data_from_numpy(blank)
+        requested = [triton_grpc.InferRequestedOutput(name) for name in self.output_names]
+        try:
+            result = await self._client.infer(
+                self._model, inputs, model_version=self._version, outputs=requested, client_timeout=self._timeout
+            )
+        except Exception as exc:  # noqa: BLE001 - classified below
+            status = _status(exc)
+            if status in ("StatusCode.INVALID_ARGUMENT", "StatusCode.INTERNAL", "StatusCode.UNIMPLEMENTED"):
+                # Triton or the model refused the request itself: e.g. an output the model does not have
+                # ("unexpected inference output 'embedding'"), or an input shape it does not take.
+                return f"a {crop}x{crop} request for outputs {list(self.output_names)} failed: {_message(exc)}"
+            raise _Transient(_message(exc)) from None
+        problems = []
+        for name in self.output_names:
+            array = result.as_numpy(name)
+            if array is None:
+                problems.append(f"output {name!r} is missing from Triton's response")
+                continue
+            problem = self.signature.check(name, tuple(array.shape), crop, crop)
+            if problem is not None:
+                problems.append(problem)
+        return "; ".join(problems) or None
 
     async def _watch(self) -> None:
         while True:
             was_ready = self._ready
-            await self._check_ready()
-            if was_ready != self._ready:
-                log.warning("Triton model %s version %s is %s", self._model, self._version, "ready" if self._ready else "NOT ready")
+            await self._probe()
+            if was_ready != self._ready and self._mismatch is None:
+                log.warning("%s is %s", self._where, "ready" if self._ready else "NOT ready")
             await asyncio.sleep(self._health_interval)
 
     def is_ready(self) -> bool:
         return self._ready
 
-    async def _fetch_max_batch(self) -> None:
-        """Triton refuses requests above the model's max_batch_size; learn it to split larger requests."""
-        if self._max_batch is not None or self._client is None:
-            return
-        try:
-            config = await self._client.get_model_config(self._model, self._version, as_json=True, client_timeout=5)
-            # 0 (a model without batching) is remembered too, so it is not asked again on every request.
-            self._max_batch = int(config["config"].get("max_batch_size", 0))
-        except Exception:  # not reachable yet: asked again on the next readiness change
-            log.debug("cannot read Triton's config for %s yet", self._model, exc_info=True)
-
-    async def infer(self, batch: np.ndarray) -> Outputs:
+    async def infer(self, batch: np.ndarray, outputs: tuple[str, ...] = (LOGITS,)) -> Outputs:
         if self._client is None:
             raise Unavailable("Triton backend is not started")
-        await self._fetch_max_batch()
+        if self._mismatch is not None:
+            raise FailedPrecondition(f"{self._where} does not fit the served model: {self._mismatch}")
+        unknown = [name for name in outputs if name not in self.output_names]
+        if unknown:
+            raise FailedPrecondition(
+                f"{self._where}: outputs {unknown} are not in the served model's signature {list(self.output_names)}"
+            )
+        if self._max_batch is None:
+            await self._probe()
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         step = self._max_batch or len(batch)
         if len(batch) <= step:
-            return await self._infer_chunk(batch)
+            return await self._infer_chunk(batch, outputs)
         # Sent concurrently: Triton's dynamic batcher schedules the chunks as it sees fit.
-        parts = await asyncio.gather(*(self._infer_chunk(batch[i : i + step]) for i in range(0, len(batch), step)))
-        return {name: np.concatenate([p[name] for p in parts]) for name in self.output_names}
+        parts = await asyncio.gather(
+            *(self._infer_chunk(batch[i : i + step], outputs) for i in range(0, len(batch), step))
+        )
+        return {name: np.concatenate([p[name] for p in parts]) for name in outputs}
 
-    async def _infer_chunk(self, batch: np.ndarray) -> Outputs:
+    async def _infer_chunk(self, batch: np.ndarray, outputs: tuple[str, ...]) -> Outputs:
         import tritonclient.grpc.aio as triton_grpc
 
         inputs = [triton_grpc.InferInput(self._input_name, list(batch.shape), "FP32")]
-        outputs = [triton_grpc.InferRequestedOutput(name) for name in self.output_names]
+        requested = [triton_grpc.InferRequestedOutput(name) for name in outputs]
         region = None
         try:
             if self._shm is not None and batch.nbytes <= self._shm.region_bytes:
@@ -191,12 +323,12 @@ class TritonBackend(InferenceBackend):
                 inputs[0].set_shared_memory(region, batch.nbytes)
             else:
                 inputs[0].set_data_from_numpy(batch)
-            return await self._infer_with_retries(inputs, outputs, len(batch))
+            return await self._infer_with_retries(inputs, requested, outputs, len(batch))
         finally:
             if region is not None:
                 self._shm.release(region)  # type: ignore[union-attr]
 
-    async def _infer_with_retries(self, inputs: list, outputs: list, n: int) -> Outputs:
+    async def _infer_with_retries(self, inputs: list, requested: list, outputs: tuple[str, ...], n: int) -> Outputs:
         from tritonclient.utils import InferenceServerException
 
         # The caller's gRPC deadline bounds everything; --triton-timeout-s bounds each attempt.
@@ -205,14 +337,14 @@ class TritonBackend(InferenceBackend):
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise DeadlineExceeded(f"the deadline passed while waiting for Triton (model {self._model!r})")
+                raise DeadlineExceeded(f"the deadline passed while waiting for {self._where}")
             started = time.perf_counter()
             try:
-                result = await self._client.infer(  # type: ignore[union-attr]
+                result = await self._client.infer(
                     self._model,
                     inputs,
                     model_version=self._version,
-                    outputs=outputs,
+                    outputs=requested,
                     client_timeout=min(remaining, self._timeout),
                 )
             except InferenceServerException as exc:
@@ -223,33 +355,38 @@ class TritonBackend(InferenceBackend):
                     raise error from None
                 attempt += 1
                 await asyncio.sleep(min(0.05 * 2**attempt, max(0.0, deadline - time.monotonic())))
-                await self._check_ready()  # also renews shared-memory registrations after a Triton restart
+                await self._probe()  # also renews shared-memory registrations after a Triton restart
+                if self._mismatch is not None:
+                    raise FailedPrecondition(f"{self._where} does not fit the served model: {self._mismatch}")
                 continue
             if self._on_batch is not None:
                 self._on_batch(BatchStats(n, 0.0, time.perf_counter() - started))
-            return {name: result.as_numpy(name) for name in self.output_names}
+            return {name: result.as_numpy(name) for name in outputs}
 
     def _translate(self, exc: Exception, deadline: float) -> VisionError:
-        status = str(getattr(exc, "status", lambda: "")() or "")
-        message = getattr(exc, "message", lambda: str(exc))() or str(exc)
-        where = f"Triton at {self._url}, model {self._model!r} version {self._version!r}"
-        lowered = message.lower()
-        if "shared memory" in lowered and "not" in lowered:
-            # Triton restarted between two health probes and forgot our regions: transient, re-registered.
-            self._ready = False
-            return Unavailable(f"{where} lost its shared-memory registrations: {message}")
+        """Our error for a failed Triton call, by its gRPC status (tritonclient carries Triton's)."""
+        status = _status(exc)
+        message = _message(exc)
+        if status == "StatusCode.NOT_FOUND" and "shared memory" in message.lower():
+            # Triton answers NOT_FOUND both for an unknown model and for a shared-memory region it does not
+            # know, which happens when it restarted between two health probes: only the text tells them
+            # apart. Transient: the regions are registered again when the model is seen ready.
+            self._triton_ready = self._ready = False
+            return Unavailable(f"{self._where} lost its shared-memory registrations: {message}")
         if status == "StatusCode.RESOURCE_EXHAUSTED":
-            return ResourceExhausted(f"{where} is overloaded: {message}; retry with backoff")
-        if status == "StatusCode.DEADLINE_EXCEEDED" or "deadline exceeded" in lowered:
+            return ResourceExhausted(f"{self._where} is overloaded: {message}; retry with backoff")
+        if status == "StatusCode.DEADLINE_EXCEEDED":
             if time.monotonic() >= deadline:
-                return DeadlineExceeded(f"the deadline passed while waiting for {where}")
-            return _AttemptTimedOut(f"{where} did not answer within --triton-timeout-s ({self._timeout:g} s)")
-        if status in ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED") or "failed to connect" in lowered:
-            self._ready = False
-            return Unavailable(f"{where} is unavailable: {message}")
-        if status == "StatusCode.NOT_FOUND" or "not ready" in lowered or "unknown model" in lowered:
-            return FailedPrecondition(f"{where} is not loaded: {message}")
-        return VisionError(f"{where} failed: {message}")
+                return DeadlineExceeded(f"the deadline passed while waiting for {self._where}")
+            return _AttemptTimedOut(f"{self._where} did not answer within --triton-timeout-s ({self._timeout:g} s)")
+        if status in ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"):
+            # Triton down or restarting (connection refused), or the version not ready (being reloaded or
+            # unloaded): Triton says UNAVAILABLE for both.
+            self._triton_ready = self._ready = False
+            return Unavailable(f"{self._where} is unavailable: {message}")
+        if status == "StatusCode.NOT_FOUND":
+            return FailedPrecondition(f"{self._where} is not loaded: {message}")
+        return VisionError(f"{self._where} failed: {message}")
 
     async def close(self) -> None:
         if self._monitor is not None:
@@ -258,13 +395,12 @@ class TritonBackend(InferenceBackend):
                 await self._monitor
             except asyncio.CancelledError:
                 pass
+            self._monitor = None
         if self._client is not None:
-            if self._shm is not None and self._ready:
-                for name in self._shm._names:
-                    try:
-                        await self._client.unregister_system_shared_memory(name)
-                    except Exception:  # Triton gone: its registrations went with it
-                        pass
+            if self._shm is not None and self._triton_ready:
+                await self._shm.unregister(self._client)
             await self._client.close()
+            self._client = None
         if self._shm is not None:
             self._shm.destroy()
+            self._shm = None

@@ -17,12 +17,15 @@ IMAGENET = "imagenet"
 WORDNET_HIERARCHY = Path(__file__).parent / "data" / "imagenet_wordnet_hierarchy.tsv"
 
 
+IMAGENET_CLASSES = 1000
+
+
 @lru_cache(maxsize=1)
 def imagenet_names() -> tuple[str, ...]:
-    """torchvision's ImageNet-1k class names, in model output order."""
-    from torchvision.models._meta import _IMAGENET_CATEGORIES
-
-    return tuple(_IMAGENET_CATEGORIES)
+    """torchvision's ImageNet-1k class names, in model output order: labels 0..999 of the bundled hierarchy,
+    which scripts/gen_wordnet_hierarchy.py takes from torchvision's public weights metadata. Read from the
+    file, so serving (e.g. with --backend triton) needs neither torch nor torchvision."""
+    return tuple(imagenet_wordnet().names[:IMAGENET_CLASSES])
 
 
 @lru_cache(maxsize=1)

@@ -20,6 +20,19 @@ def model_info(card: ModelCard, *, full: bool = False) -> common_pb2.ModelInfo:
         info.weights_sha256 = card.weights_sha256
         info.task = card.task
         info.num_tag_labels = len(card.tagger) if card.tagger is not None else 0
+        info.random_weights = card.random_weights
+        signature = card.signature
+        for name in signature.outputs:
+            if signature.is_map(name):
+                layer = signature.layer(name)
+                info.outputs.add(name=name, channels=layer.channels, stride=layer.stride)
+            else:
+                info.outputs.add(name=name, channels=signature.output_shape(name, 1, 1)[0])
+        geometry = signature.geometry
+        info.input_geometry.CopyFrom(
+            common_pb2.InputGeometry(crop_size=geometry.crop_size, variable=geometry.variable, max_side=geometry.max_side)
+        )
+        info.metrics.update(dict(card.metrics))
         info.preprocessing.CopyFrom(
             common_pb2.Preprocessing(
                 preset=preset.name,

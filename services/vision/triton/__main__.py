@@ -2,6 +2,6 @@
 
 import sys
 
-from vision.triton.runtime import main
+from vision.triton.cli import main
 
 sys.exit(main())

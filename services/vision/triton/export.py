@@ -1,14 +1,92 @@
-"""`vision export-triton`: a registry model → ONNX → a Triton model repository entry."""
+"""`vision export-triton`: a registry model -> ONNX with every output of its signature -> a Triton model
+repository entry whose config declares those outputs.
+
+torch is imported only inside the export itself: `--backend triton` serves without torch installed.
+"""
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING
 
-from vision.settings import ModelConfig
+from vision.models.signature import Signature
+from vision.triton.repository import Flavour, TensorSpec, write_model
 
-Flavour = Literal["cpu-python", "gpu-onnxruntime"]
+if TYPE_CHECKING:
+    from vision.settings import ModelConfig
+
+INPUT_NAME = "images"  # vision.export.INPUT_NAME, without importing torch to learn it
+
+
+def triton_specs(signature: Signature) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The config's (inputs, outputs) for a model exported with `signature`: images (3, H, W); vectors
+    (C,); maps (C, h, w). H, W, h, w are -1 (any size) when the geometry is variable, else the crop's."""
+    geometry = signature.geometry
+    crop = geometry.crop_size
+    side = -1 if geometry.variable else crop
+    inputs = [TensorSpec(INPUT_NAME, "TYPE_FP32", (3, side, side))]
+    outputs = []
+    for name in signature.outputs:
+        dims = signature.output_shape(name, crop, crop)
+        if signature.is_map(name) and geometry.variable:
+            dims = (dims[0], -1, -1)
+        outputs.append(TensorSpec(name, "TYPE_FP32", dims))
+    return inputs, outputs
+
+
+def export_model(
+    repository: Path,
+    name: str,
+    version: int,
+    *,
+    arch: str,
+    num_classes: int,
+    weights: Path | None,
+    flavour: Flavour = "cpu-python",
+    max_batch_size: int = 16,
+    preferred_batch_sizes: Sequence[int] = (4, 8, 16),
+    max_queue_delay_us: int = 2000,
+    instances: int = 1,
+    tensorrt: bool = False,
+    intra_op_threads: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Build `arch` with a `num_classes` head and `weights` (None: seeded random initialisation), export it
+    with every output of its signature (parity-checked against torch by `export_onnx`), and write it as
+    `version` of `name` in `repository`. Returns the model's directory."""
+    from vision.backends.torch_backend import run_on_torch_thread
+    from vision.export import export_onnx
+    from vision.models import create_model, get_architecture, with_outputs
+
+    signature = get_architecture(arch).signature(num_classes)
+    inputs, outputs = triton_specs(signature)
+    with tempfile.TemporaryDirectory(prefix="vision-export-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+
+        def export() -> None:
+            module = create_model(arch, num_classes=num_classes, weights=weights, pretrained=False)
+            export_onnx(with_outputs(arch, module, num_classes), onnx_path, signature=signature)
+
+        # On the process's torch thread, like every torch call here (see vision.backends.torch_backend).
+        run_on_torch_thread(export)
+        return write_model(
+            repository,
+            name,
+            int(version),
+            onnx_path,
+            inputs=inputs,
+            outputs=outputs,
+            flavour=flavour,
+            max_batch_size=max_batch_size,
+            preferred_batch_sizes=list(preferred_batch_sizes),
+            max_queue_delay_us=max_queue_delay_us,
+            instances=instances,
+            tensorrt=tensorrt,
+            intra_op_threads=intra_op_threads,
+            overwrite=overwrite,
+        )
 
 
 def export_to_triton(
@@ -22,43 +100,34 @@ def export_to_triton(
     instances: int = 1,
     tensorrt: bool = False,
 ) -> Path:
-    """Export the model `config` describes (weights, labels → head width) and write it into `repository`
+    """Export the model `config` describes (weights, labels -> head width) and write it into `repository`
     under `config.triton_model or served name`, version `config.version`. Returns the model's directory."""
-    from vision.backends.torch_backend import run_on_torch_thread
     from vision.errors import ConfigurationError
-    from vision.export import INPUT_NAME, export_onnx
-    from vision.imaging import get_preset
-    from vision.models import create_model, get_architecture
+    from vision.loading import NO_LABELS, resolve_weights
+    from vision.models import get_architecture
     from vision.models.labels import resolve_labels
-    from vision.triton.repository import TensorSpec, write_model
 
     if not config.version.isdigit():
         raise ConfigurationError(f"Triton versions are integers, got {config.version!r}")
     defaults = get_architecture(config.arch).defaults
-    num_classes = config.num_classes or (len(resolve_labels(config.labels)) if config.labels else defaults.num_classes)
-    weights = config.weights
-    if weights is None and defaults.bundled_weights is not None:
-        weights = defaults.bundled_weights()
-    crop = get_preset(config.preset or defaults.preset).crop_size
-    with tempfile.TemporaryDirectory(prefix="vision-export-") as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
-
-        def export() -> None:
-            module = create_model(config.arch, num_classes=num_classes, weights=weights)
-            export_onnx(module, onnx_path, crop_size=crop)
-
-        run_on_torch_thread(export)
-        return write_model(
-            repository,
-            config.triton_model or config.served_name,
-            int(config.version),
-            onnx_path,
-            inputs=[TensorSpec(INPUT_NAME, "TYPE_FP32", (3, crop, crop))],
-            outputs=[TensorSpec("logits", "TYPE_FP32", (num_classes,))],
-            flavour=flavour,
-            max_batch_size=max_batch_size,
-            preferred_batch_sizes=list(preferred_batch_sizes),
-            max_queue_delay_us=max_queue_delay_us,
-            instances=instances,
-            tensorrt=tensorrt,
+    # The head width as `vision serve` derives it (vision.loading.model_card).
+    if config.labels == NO_LABELS:
+        num_classes = 0
+    else:
+        num_classes = config.num_classes or (
+            len(resolve_labels(config.labels)) if config.labels else defaults.num_classes
         )
+    return export_model(
+        repository,
+        config.triton_model or config.served_name,
+        int(config.version),
+        arch=config.arch,
+        num_classes=num_classes,
+        weights=resolve_weights(config),
+        flavour=flavour,
+        max_batch_size=max_batch_size,
+        preferred_batch_sizes=preferred_batch_sizes,
+        max_queue_delay_us=max_queue_delay_us,
+        instances=instances,
+        tensorrt=tensorrt,
+    )

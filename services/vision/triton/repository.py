@@ -1,4 +1,5 @@
-"""Write a Triton model repository entry for an exported ONNX file, atomically.
+"""A Triton model repository: config.pbtxt through Triton's ModelConfig protobuf, atomic writes, and the
+version lifecycle (publish a version next to the ones in use, retire one).
 
     <repository>/<name>/config.pbtxt
     <repository>/<name>/<version>/model.onnx
@@ -10,15 +11,21 @@ Two flavours of the same model.onnx:
 - "cpu-python" (here, and CI): Triton's python backend; model.py runs model.onnx with onnxruntime on the
   CPU, concatenating the requests Triton's dynamic batcher hands it into one forward pass.
 
+Versions. Triton's default version policy (`latest { num_versions: 1 }`) serves only the newest version, so
+publishing version 2 would unload version 1 while services pinned to it still send traffic. Every config
+written here names its versions explicitly (`version_policy { specific { versions: [...] } }`):
+`add_version` appends one and `retire_version` removes one, and Triton changes only when told to load
+(explicit model control), so a version is served from the load after it was added until the load after it
+was retired. All versions of a model share one config.pbtxt, so they share its inputs and outputs: a
+version whose outputs differ (another head width) is another model name.
+
 Atomicity: Triton must never see half a model. Everything is written in a staging directory first, then
 moved in with rename(2): a new model appears whole (`<name>/` at once); a new version of an existing model
-appears whole (`<version>/` at once) and only then its config.pbtxt is replaced (os.replace). The staging
-directory must be OUTSIDE the repository, because `--load-model=*` takes every directory at the repository
-root for a model, hidden ones included, and on the same filesystem (rename across filesystems is a copy).
+appears whole (`<version>/` at once) and only then its config.pbtxt is replaced (os.replace); a retired
+version leaves the policy first and its folder is renamed out before it is deleted. The staging directory
+must be OUTSIDE the repository, because `--load-model=*` takes every directory at the repository root for a
+model, hidden ones included, and on the same filesystem (rename across filesystems is a copy).
 Default: `<repository parent>/.<repository name>.staging/`.
-
-The config is plain text rendered here (no protobuf dependency); tests parse it with tritonclient's
-ModelConfig protobuf to prove it is valid text format.
 """
 
 from __future__ import annotations
@@ -28,16 +35,23 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from vision.files import sha256_file
+
+if TYPE_CHECKING:
+    from tritonclient.grpc.model_config_pb2 import ModelConfig
+
+    from vision.triton.admin import TritonAdmin
 
 Flavour = Literal["cpu-python", "gpu-onnxruntime"]
 FLAVOURS: tuple[str, ...] = ("cpu-python", "gpu-onnxruntime")
 PYTHON_MODEL = Path(__file__).with_name("python_model.py")
+CONFIG = "config.pbtxt"
 
 # Triton data type -> ONNX TensorProto element type (for checking a spec against the graph).
 TRITON_TO_ONNX: dict[str, int] = {
@@ -69,8 +83,8 @@ class TensorSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
-        if not self.name or any(c in self.name for c in '"\\\n'):
-            raise ValueError(f"tensor name {self.name!r} is empty or has quotes, backslashes or newlines")
+        if not self.name or not self.name.isprintable():
+            raise ValueError(f"tensor name {self.name!r} is empty or has control characters")
         if self.dtype not in TRITON_TO_ONNX:
             raise ValueError(
                 f"tensor {self.name!r}: data type {self.dtype!r} is not one of {sorted(TRITON_TO_ONNX)}"
@@ -81,18 +95,22 @@ class TensorSpec:
             )
 
 
-def _tensor_block(spec: TensorSpec) -> str:
-    dims = ", ".join(str(d) for d in spec.dims)
-    return f'  {{\n    name: "{spec.name}"\n    data_type: {spec.dtype}\n    dims: [ {dims} ]\n  }}'
+def _pb() -> object:
+    # tritonclient ships Triton's model_config.proto compiled; importing it lazily keeps `vision.triton`
+    # importable for `vision triton --setup-only` before anything else is used.
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2
 
 
-def render_config(
+def build_config(
     name: str,
     *,
     inputs: Sequence[TensorSpec],
     outputs: Sequence[TensorSpec],
     flavour: Flavour,
     max_batch_size: int,
+    versions: Sequence[int],
     preferred_batch_sizes: Sequence[int] = (),
     max_queue_delay_us: int = 0,
     instances: int = 1,
@@ -102,9 +120,9 @@ def render_config(
     tensorrt_cache_dir: str | None = None,
     intra_op_threads: int | None = None,
     gpus: Sequence[int] | None = None,
-    comment: str = "",
-) -> str:
-    """config.pbtxt text (protobuf text format of inference.ModelConfig)."""
+) -> ModelConfig:
+    """The model's inference.ModelConfig, serving exactly `versions` (an explicit version policy)."""
+    mc = _pb()
     _check_name(name)
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour {flavour!r} is not one of {FLAVOURS}")
@@ -128,54 +146,106 @@ def render_config(
         )
     if intra_op_threads is not None and intra_op_threads < 0:
         raise ValueError("intra_op_threads must be >= 0 (0 = onnxruntime's default)")
+    _check_versions(versions)
 
-    lines = [f"# {comment}"] if comment else []
-    lines.append(f'name: "{name}"')
-    lines.append('backend: "python"' if flavour == "cpu-python" else 'backend: "onnxruntime"')
-    lines.append(f"max_batch_size: {max_batch_size}")
-    lines.append("input [\n" + ",\n".join(_tensor_block(t) for t in inputs) + "\n]")
-    lines.append("output [\n" + ",\n".join(_tensor_block(t) for t in outputs) + "\n]")
+    config = mc.ModelConfig(  # type: ignore[attr-defined]
+        name=name,
+        backend="python" if flavour == "cpu-python" else "onnxruntime",
+        max_batch_size=max_batch_size,
+    )
+    config.version_policy.specific.versions.extend(sorted(set(int(v) for v in versions)))
+    for tensors, specs in ((config.input, inputs), (config.output, outputs)):
+        for spec in specs:
+            tensors.add(name=spec.name, data_type=mc.DataType.Value(spec.dtype), dims=list(spec.dims))  # type: ignore[attr-defined]
     if max_batch_size > 0:
-        block = ["dynamic_batching {"]
-        if preferred_batch_sizes:
-            block.append(
-                f"  preferred_batch_size: [ {', '.join(str(b) for b in sorted(set(preferred_batch_sizes)))} ]"
-            )
-        block.append(f"  max_queue_delay_microseconds: {max_queue_delay_us}")
-        block.append("}")
-        lines.append("\n".join(block))
-    kind = "KIND_CPU" if flavour == "cpu-python" else "KIND_GPU"
-    group = ["instance_group [", "  {", f"    count: {instances}", f"    kind: {kind}"]
-    if gpus and kind == "KIND_GPU":
-        group.append(f"    gpus: [ {', '.join(str(g) for g in gpus)} ]")
-    group += ["  }", "]"]
-    lines.append("\n".join(group))
+        batching = config.dynamic_batching
+        batching.SetInParent()  # present even when every field keeps its default: it turns batching on
+        batching.preferred_batch_size.extend(sorted(set(preferred_batch_sizes)))
+        batching.max_queue_delay_microseconds = max_queue_delay_us
+    group = config.instance_group.add(count=instances)
+    if flavour == "cpu-python":
+        group.kind = mc.ModelInstanceGroup.KIND_CPU  # type: ignore[attr-defined]
+    else:
+        group.kind = mc.ModelInstanceGroup.KIND_GPU  # type: ignore[attr-defined]
+        group.gpus.extend(gpus or ())
     if intra_op_threads is not None:
-        # Same key as Triton's onnxruntime backend, so both flavours read one knob.
-        lines.append(_parameter("intra_op_thread_count", str(intra_op_threads)))
+        # The key Triton's onnxruntime backend reads; model.py reads it too, so one knob serves both flavours.
+        config.parameters["intra_op_thread_count"].string_value = str(intra_op_threads)
     if tensorrt:
-        params = [
-            ("precision_mode", tensorrt_precision),
-            ("max_workspace_size_bytes", str(tensorrt_workspace_bytes)),
-        ]
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accelerator.parameters["precision_mode"] = tensorrt_precision
+        accelerator.parameters["max_workspace_size_bytes"] = str(tensorrt_workspace_bytes)
         if tensorrt_cache_dir:
-            params += [("trt_engine_cache_enable", "1"), ("trt_engine_cache_path", tensorrt_cache_dir)]
-        rendered = "\n".join(f'        parameters {{ key: "{k}" value: "{_escape(v)}" }}' for k, v in params)
-        lines.append(
-            "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [\n      {\n"
-            f'        name : "tensorrt"\n{rendered}\n      }}\n    ]\n  }}\n}}'
-        )
-    return "\n".join(lines) + "\n"
+            accelerator.parameters["trt_engine_cache_enable"] = "1"
+            accelerator.parameters["trt_engine_cache_path"] = tensorrt_cache_dir
+    return config
 
 
-def _parameter(key: str, value: str) -> str:
-    return f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{_escape(value)}" }}\n}}'
+def config_text(config: ModelConfig, comment: str = "") -> str:
+    """config.pbtxt text: protobuf text format of `config`, after an optional `# comment` line."""
+    from google.protobuf import text_format
+
+    if "\n" in comment:
+        raise ValueError(f"a config comment is one line: {comment!r}")
+    header = f"# {comment}\n" if comment else ""
+    return header + text_format.MessageToString(config)
 
 
-def _escape(value: str) -> str:
-    if "\n" in value:
-        raise ValueError(f"config values cannot contain newlines: {value!r}")
-    return value.replace("\\", "\\\\").replace('"', '\\"')
+def render_config(name: str, *, comment: str = "", **options: object) -> str:
+    """config.pbtxt text for `build_config(name, **options)`."""
+    return config_text(build_config(name, **options), comment)  # type: ignore[arg-type]
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    """The model's config.pbtxt, parsed (ValueError naming the file when it is not valid text format)."""
+    from google.protobuf import text_format
+
+    path = Path(model_dir) / CONFIG
+    try:
+        return text_format.Parse(path.read_text(), _pb().ModelConfig())  # type: ignore[attr-defined]
+    except text_format.ParseError as exc:
+        raise ValueError(f"{path} is not a valid Triton model config: {exc}") from None
+
+
+def version_dirs(model_dir: Path) -> list[int]:
+    """The numeric version folders of a model, ascending."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def served_versions(model_dir: Path, config: ModelConfig | None = None) -> list[int]:
+    """The versions Triton serves for this model after its next load, as its version policy says."""
+    config = config if config is not None else read_config(model_dir)
+    present = version_dirs(model_dir)
+    policy = config.version_policy
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "specific":
+        return sorted(set(policy.specific.versions))
+    if choice == "all":
+        return present
+    # Triton's default policy, `latest` with one version, for configs written by hand or before policies.
+    latest = policy.latest.num_versions if choice == "latest" else 1
+    return present[-max(latest, 1) :]
+
+
+def tensor_specs(config: ModelConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(inputs, outputs) of a parsed config."""
+    mc = _pb()
+
+    def specs(tensors: object) -> list[TensorSpec]:
+        return [TensorSpec(t.name, mc.DataType.Name(t.data_type), tuple(t.dims)) for t in tensors]  # type: ignore[attr-defined]
+
+    return specs(config.input), specs(config.output)
+
+
+def _check_versions(versions: Sequence[int]) -> None:
+    if not versions:
+        raise ValueError("a model serves at least one version")
+    bad = [v for v in versions if int(v) < 1]
+    if bad:
+        raise ValueError(f"versions are positive integers, got {bad}")
 
 
 def _check_name(name: str) -> None:
@@ -262,28 +332,35 @@ def write_model(
     overwrite: bool = False,
     staging_dir: Path | None = None,
 ) -> Path:
-    """Publish `onnx_path` as version `version` of model `name` in `repository`; returns `<repository>/<name>`.
+    """Write `onnx_path` as version `version` of model `name` in `repository` with a config built from the
+    arguments; returns `<repository>/<name>`.
 
-    The config.pbtxt is (re)written for the whole model: all versions share it. `validate` checks the specs
-    against the ONNX graph first (needs `onnx`). An existing version is only replaced with `overwrite=True`
-    (Triton's load of that version would briefly find it missing; versions are meant to be immutable).
+    A new model serves just this version. For an existing model the config.pbtxt is rewritten for the whole
+    model (all versions share it) and its version policy keeps the versions it named, plus this one. Triton
+    takes the change up at its next load of the model (`TritonAdmin.load_model`, or `add_version` with an
+    admin). `validate` checks the specs against the ONNX graph first (needs `onnx`). An existing version is
+    only replaced with `overwrite=True` (Triton's load of that version would briefly find it missing;
+    versions are meant to be immutable).
     """
     repository = Path(repository)
     onnx_path = Path(onnx_path)
     _check_name(name)
-    if int(version) < 1:
-        raise ValueError(f"version must be a positive integer, got {version}")
+    _check_versions([version])
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX file {onnx_path} does not exist")
     if validate:
         check_onnx(onnx_path, inputs, outputs, max_batch_size)
-    digest = sha256_file(onnx_path)
-    config = render_config(
+    model_dir = repository / name
+    versions = {int(version)}
+    if (model_dir / CONFIG).is_file():
+        versions.update(served_versions(model_dir))
+    config = build_config(
         name,
         inputs=inputs,
         outputs=outputs,
         flavour=flavour,
         max_batch_size=max_batch_size,
+        versions=sorted(versions),
         preferred_batch_sizes=preferred_batch_sizes,
         max_queue_delay_us=max_queue_delay_us,
         instances=instances,
@@ -292,57 +369,194 @@ def write_model(
         tensorrt_cache_dir=tensorrt_cache_dir,
         intra_op_threads=intra_op_threads,
         gpus=gpus,
-        comment=f"written by vision.triton.repository; version {version} = {onnx_path.name} sha256 {digest}",
     )
-    repository.mkdir(parents=True, exist_ok=True)
-    staging_root = (
-        Path(staging_dir) if staging_dir is not None else repository.parent / f".{repository.name}.staging"
-    )
-    if staging_root.resolve().is_relative_to(repository.resolve()):
-        raise ValueError(f"staging_dir {staging_root} must lie outside the repository (Triton would load it)")
-    staging_root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=staging_root))
+    return _publish(repository, name, int(version), onnx_path, config, overwrite=overwrite, staging_dir=staging_dir)
+
+
+def add_version(
+    repository: Path,
+    name: str,
+    version: int,
+    onnx_path: Path,
+    *,
+    admin: TritonAdmin | None = None,
+    validate: bool = True,
+    staging_dir: Path | None = None,
+    timeout_s: float = 300.0,
+) -> Path:
+    """Publish `onnx_path` as a new version of the existing model `name`, next to the versions it serves.
+
+    The model's config.pbtxt stays as it is except that `version` is appended to its version policy, so the
+    graph must have the config's inputs and outputs (checked first when `validate`; needs `onnx`). With an
+    `admin`, Triton then reloads the model and this returns once `version` is ready; the versions served
+    before stay loaded and keep answering throughout (Triton swaps each reloaded version in only when its new
+    instance is ready). If Triton refuses the new version, the policy and the folder are rolled back, Triton
+    keeps serving what it served, and TritonModelLoadError carries Triton's reason. Without an admin, Triton
+    takes the version up at its next load of the model (or its next start). Returns `<repository>/<name>`.
+    """
+    repository = Path(repository)
+    _check_name(name)
+    _check_versions([version])
+    model_dir = repository / name
+    if not (model_dir / CONFIG).is_file():
+        raise FileNotFoundError(f"model {name!r} has no {model_dir / CONFIG}; create it with write_model")
+    if (model_dir / str(version)).exists():
+        raise FileExistsError(f"{model_dir / str(version)} exists; versions are immutable")
+    config = read_config(model_dir)
+    if validate:
+        inputs, outputs = tensor_specs(config)
+        check_onnx(Path(onnx_path), inputs, outputs, config.max_batch_size)
+    before = served_versions(model_dir, config)
+    config.version_policy.specific.versions[:] = sorted({*before, int(version)})
+    _publish(repository, name, int(version), Path(onnx_path), config, overwrite=False, staging_dir=staging_dir)
+    if admin is None:
+        return model_dir
+    from vision.triton.errors import TritonModelLoadError
+
     try:
+        admin.load_model(name)
+        admin.wait_for_model(name, version, timeout=timeout_s)
+    except TritonModelLoadError:
+        # Triton kept what it had loaded; make the repository say so again, so a restart loads the same.
+        _retire_files(repository, name, int(version), before, staging_dir, comment=f"version {version} refused")
+        raise
+    return model_dir
+
+
+def retire_version(
+    repository: Path,
+    name: str,
+    version: int,
+    *,
+    admin: TritonAdmin | None = None,
+    staging_dir: Path | None = None,
+    timeout_s: float = 120.0,
+) -> None:
+    """Stop serving `version` of model `name` and delete its folder; the other versions keep serving.
+
+    Order: the version leaves the config's version policy (atomic replace); with an `admin`, Triton reloads
+    the model, which unloads this version while the others keep answering, and this waits until it is no
+    longer ready; then its folder is renamed out of the repository (atomic) and deleted. Without an admin
+    the folder is deleted at once, which is only safe while no Triton serves the repository (Triton's
+    python stub has the files open, but a load would find the version gone). Retiring a version that is
+    neither in the policy nor on disk does nothing; retiring the last served version is refused (unload or
+    remove the model instead).
+    """
+    repository = Path(repository)
+    _check_name(name)
+    model_dir = repository / name
+    served = served_versions(model_dir)
+    if int(version) not in served and not (model_dir / str(version)).exists():
+        return
+    remaining = [v for v in served if v != int(version)]
+    if not remaining:
+        raise ValueError(f"version {version} is the only version of {name!r}; unload or remove the model instead")
+    staging_root = _staging_root(repository, staging_dir)
+    config = read_config(model_dir)
+    config.version_policy.specific.versions[:] = remaining
+    with _stage(staging_root, f"{name}-retire-{version}-") as stage:
+        _write(stage / CONFIG, config_text(config, f"written by vision.triton.repository; version {version} retired"))
+        _replace(stage / CONFIG, model_dir / CONFIG)
+    if admin is not None:
+        admin.load_model(name)
+        admin.wait_for_model(name, version, ready=False, timeout=timeout_s)
+    _remove_version_dir(model_dir, int(version), staging_root)
+
+
+def _retire_files(
+    repository: Path, name: str, version: int, keep: Sequence[int], staging_dir: Path | None, *, comment: str
+) -> None:
+    model_dir = repository / name
+    staging_root = _staging_root(repository, staging_dir)
+    config = read_config(model_dir)
+    config.version_policy.specific.versions[:] = sorted(keep)
+    with _stage(staging_root, f"{name}-rollback-{version}-") as stage:
+        _write(stage / CONFIG, config_text(config, f"written by vision.triton.repository; {comment}"))
+        _replace(stage / CONFIG, model_dir / CONFIG)
+    _remove_version_dir(model_dir, version, staging_root)
+
+
+def _remove_version_dir(model_dir: Path, version: int, staging_root: Path) -> None:
+    folder = model_dir / str(version)
+    if not folder.exists():
+        return
+    # Renamed out first: Triton never sees a half-deleted version, and a crash leaves only staging debris.
+    graveyard = Path(tempfile.mkdtemp(prefix=f"{model_dir.name}-{version}-retired-", dir=staging_root))
+    os.rename(folder, graveyard / str(version))
+    _fsync_dir(model_dir)
+    shutil.rmtree(graveyard, ignore_errors=True)
+
+
+def _staging_root(repository: Path, staging_dir: Path | None) -> Path:
+    root = Path(staging_dir) if staging_dir is not None else repository.parent / f".{repository.name}.staging"
+    if root.resolve().is_relative_to(repository.resolve()):
+        raise ValueError(f"staging_dir {root} must lie outside the repository (Triton would load it)")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextmanager
+def _stage(staging_root: Path, prefix: str) -> Iterator[Path]:
+    stage = Path(tempfile.mkdtemp(prefix=prefix, dir=staging_root))
+    try:
+        yield stage
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            raise OSError(
+                exc.errno,
+                f"staging dir {staging_root} is on another filesystem than the repository; "
+                "pass staging_dir= on the repository's filesystem (outside the repository)",
+            ) from exc
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _publish(
+    repository: Path,
+    name: str,
+    version: int,
+    onnx_path: Path,
+    config: ModelConfig,
+    *,
+    overwrite: bool,
+    staging_dir: Path | None,
+) -> Path:
+    repository.mkdir(parents=True, exist_ok=True)
+    staging_root = _staging_root(repository, staging_dir)
+    comment = f"written by vision.triton.repository; version {version} = {onnx_path.name} sha256 {sha256_file(onnx_path)}"
+    with _stage(staging_root, f"{name}-{version}-") as stage:
         vdir = stage / str(version)
         vdir.mkdir()
         _copy(onnx_path, vdir / "model.onnx")
-        if flavour == "cpu-python":
+        if config.backend == "python":
             _copy(PYTHON_MODEL, vdir / "model.py")
-        _write(stage / "config.pbtxt", config)
+        _write(stage / CONFIG, config_text(config, comment))
         _fsync_dir(vdir)
         _fsync_dir(stage)
         target = repository / name
-        try:
-            if not target.exists():
-                try:
-                    os.rename(stage, target)  # the whole model appears at once
-                    _fsync_dir(repository)
-                    return target
-                except OSError as exc:
-                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                        raise
-                    # Someone created it meanwhile: add our version to theirs below.
-            vtarget = target / str(version)
-            if vtarget.exists():
-                if not overwrite:
-                    raise FileExistsError(
-                        f"{vtarget} exists; versions are immutable (overwrite=True replaces it)"
-                    )
-                os.rename(vtarget, stage / f"replaced-{version}")
-            os.rename(vdir, vtarget)  # the version appears at once ...
-            os.replace(stage / "config.pbtxt", target / "config.pbtxt")  # ... then its config
-            _fsync_dir(target)
-            return target
-        except OSError as exc:
-            if exc.errno == errno.EXDEV:
-                raise OSError(
-                    exc.errno,
-                    f"staging dir {staging_root} is on another filesystem than {repository}; "
-                    "pass staging_dir= on the repository's filesystem (outside the repository)",
-                ) from exc
-            raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        if not target.exists():
+            try:
+                os.rename(stage, target)  # the whole model appears at once
+                _fsync_dir(repository)
+                return target
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                # Someone created it meanwhile: add our version to theirs below.
+        vtarget = target / str(version)
+        if vtarget.exists():
+            if not overwrite:
+                raise FileExistsError(f"{vtarget} exists; versions are immutable (overwrite=True replaces it)")
+            os.rename(vtarget, stage / f"replaced-{version}")
+        os.rename(vdir, vtarget)  # the version appears at once ...
+        _replace(stage / CONFIG, target / CONFIG)  # ... then the config that serves it
+        return target
+
+
+def _replace(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+    _fsync_dir(dst.parent)
 
 
 def _copy(src: Path, dst: Path) -> None:

@@ -39,7 +39,14 @@ class Preprocessing(_message.Message):
     def __init__(self, preset: _Optional[str] = ..., resize_shorter: _Optional[int] = ..., crop_size: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., channel_order: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "architecture", "num_labels", "preprocessing", "backend", "weights_sha256", "task", "num_tag_labels")
+    __slots__ = ("name", "version", "architecture", "num_labels", "preprocessing", "backend", "weights_sha256", "task", "num_tag_labels", "random_weights", "outputs", "input_geometry", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +56,10 @@ class ModelInfo(_message.Message):
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     NUM_TAG_LABELS_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_GEOMETRY_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     architecture: str
@@ -58,7 +69,31 @@ class ModelInfo(_message.Message):
     weights_sha256: str
     task: str
     num_tag_labels: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., num_labels: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., backend: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., task: _Optional[str] = ..., num_tag_labels: _Optional[int] = ...) -> None: ...
+    random_weights: bool
+    outputs: _containers.RepeatedCompositeFieldContainer[OutputInfo]
+    input_geometry: InputGeometry
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., num_labels: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., backend: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., task: _Optional[str] = ..., num_tag_labels: _Optional[int] = ..., random_weights: _Optional[bool] = ..., outputs: _Optional[_Iterable[_Union[OutputInfo, _Mapping]]] = ..., input_geometry: _Optional[_Union[InputGeometry, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class OutputInfo(_message.Message):
+    __slots__ = ("name", "channels", "stride")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    channels: int
+    stride: int
+    def __init__(self, name: _Optional[str] = ..., channels: _Optional[int] = ..., stride: _Optional[int] = ...) -> None: ...
+
+class InputGeometry(_message.Message):
+    __slots__ = ("crop_size", "variable", "max_side")
+    CROP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VARIABLE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIDE_FIELD_NUMBER: _ClassVar[int]
+    crop_size: int
+    variable: bool
+    max_side: int
+    def __init__(self, crop_size: _Optional[int] = ..., variable: _Optional[bool] = ..., max_side: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

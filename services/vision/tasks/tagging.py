@@ -40,13 +40,19 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from vision.errors import ConfigurationError, InvalidArgument
-from vision.postprocess import sigmoid, softmax
+from vision.models.signature import LOGITS
+from vision.tasks.classification import sigmoid, softmax
+from vision.views import CENTER, ViewSpec
 from vision.vocab import LabelVocabulary, propagate_max, propagate_sum
+
+if TYPE_CHECKING:
+    from vision.dataplane import ViewOutputs
+    from vision.repository import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -451,3 +457,25 @@ def load_tagger(
     if not math.isclose(table.default, DEFAULT_THRESHOLD):
         log.info("model %s: default tag threshold %.3g", model, table.default)
     return tagger
+
+
+class Tagging:
+    """The data plane's view of tagging: centre crop, logits, the model's tagger."""
+
+    name = "tagging"
+
+    def validate(self, card: "ModelCard", options: TagOptions) -> None:
+        pass  # TagOptions validates itself; every model the repository returns for "tagging" has a tagger
+
+    def views(self, card: "ModelCard", options: TagOptions) -> ViewSpec:
+        return CENTER
+
+    def outputs(self, card: "ModelCard", options: TagOptions) -> tuple[str, ...]:
+        return (LOGITS,)
+
+    def postprocess(self, card: "ModelCard", outputs: "ViewOutputs", options: TagOptions) -> list[list[Tag]]:
+        assert card.tagger is not None
+        return card.tagger.tag(outputs.stacked(LOGITS), options)
+
+
+TAGGING = Tagging()
