@@ -114,7 +114,7 @@ async def service_run(target: str, image: bytes, concurrency: int, duration: flo
 def raw_model(target: str, model_name: str, weights: Path | None, threads: int):
     """The served model rebuilt in-process through the same loading code, engine, weights and preset."""
     from vision.backends.torch_backend import run_on_torch_thread
-    from vision.repository import load_model
+    from vision.loading import load_model
     from vision.settings import ModelConfig, ServeSettings
 
     with grpc.insecure_channel(target) as channel:
@@ -128,16 +128,16 @@ def raw_model(target: str, model_name: str, weights: Path | None, threads: int):
     settings = ServeSettings(
         backend=info.backend,
         threads=threads,
-        models=[ModelConfig(arch=info.architecture, num_classes=info.num_labels, weights=weights, preset=info.preprocessing.preset)],
+        models=[
+            ModelConfig(
+                arch=info.architecture,
+                num_classes=info.num_labels,
+                weights=weights or ("random" if info.random_weights else None),
+                preset=info.preprocessing.preset,
+            )
+        ],
     )
-
-    def load():  # noqa: ANN202
-        import torch
-
-        torch.set_num_threads(threads)
-        return load_model(settings.models[0], settings)
-
-    served = run_on_torch_thread(load)
+    served = load_model(settings.models[0], settings)
     forward = served.backend.forward
     if info.backend == "torch":
         # torch must run on the thread that built it (see vision.backends.torch_backend).

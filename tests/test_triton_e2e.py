@@ -2,17 +2,16 @@
 
 EfficientNet-Lite0 is exported with `vision export-triton` (cpu-python flavour: Triton's python backend
 running the ONNX file with onnxruntime), Triton is started on loopback, and `vision serve --backend triton`
-is started against it. Faults: Triton stopped and started again under the running service.
+is started against it. Faults: Triton stopped and started again under the running service; a served model
+whose labels do not fit the model Triton serves.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import grpc
 import numpy as np
@@ -30,7 +29,7 @@ MODEL = "efficientnet_lite0"
 
 @pytest.fixture(scope="module")
 def triton_stack(tmp_path_factory):
-    from vision.triton.runtime import TritonProcess, setup_runtime
+    from vision.triton import TritonProcess, setup_runtime
 
     root = tmp_path_factory.mktemp("triton-e2e")
     runtime = setup_runtime()
@@ -65,8 +64,7 @@ def _health(address: str) -> int:
 
 
 def _stats(triton) -> dict:
-    with urllib.request.urlopen(f"{triton.http_url}/v2/models/{MODEL}/stats", timeout=10) as resp:
-        return json.loads(resp.read())["model_stats"][0]
+    return triton.admin.model_stats(MODEL)
 
 
 def test_classification_through_triton(triton_stack, photos):
@@ -149,8 +147,7 @@ def test_shared_memory_transfer(triton_stack, photos):
         triton_stack["root"] / "serve-shm.log",
     ).wait_ready()
     try:
-        with urllib.request.urlopen(f"{triton.http_url}/v2/systemsharedmemory/status", timeout=10) as resp:
-            regions = json.loads(resp.read())
+        regions = triton.admin.shared_memory_status()
         assert len(regions) == 16 and all(r["byte_size"] == 4 * 1024 * 1024 for r in regions)
         stub = _stub(service.address)
         response = stub.Classify(classify_request(photos["coffee.jpg"], photos["chelsea.png"], top_k=1), timeout=60)
@@ -161,12 +158,11 @@ def test_shared_memory_transfer(triton_stack, photos):
         assert [r.predictions[0].index for r in big.results] == [967] * 8
     finally:
         service.stop()
-    with urllib.request.urlopen(f"{triton.http_url}/v2/systemsharedmemory/status", timeout=10) as resp:
-        assert json.loads(resp.read()) == [], "regions were not unregistered at shutdown"
+    assert triton.admin.shared_memory_status() == [], "regions were not unregistered at shutdown"
 
 
 def test_triton_outage_gives_unavailable_then_recovers_without_restart(triton_stack, photos):
-    from vision.triton.runtime import TritonProcess
+    from vision.triton import TritonProcess
 
     service, triton = triton_stack["service"], triton_stack["triton"]
     stub = _stub(service.address)
@@ -198,3 +194,22 @@ def test_triton_outage_gives_unavailable_then_recovers_without_restart(triton_st
     response = stub.Classify(classify_request(photos["coffee.jpg"]), timeout=30)
     assert response.results[0].predictions[0].index == 967
     print(f"recovered {time.monotonic() - back:.1f} s after Triton was ready again")
+
+
+def test_labels_that_do_not_fit_the_triton_model_stop_start_up(triton_stack):
+    """Twelve labels served by a 1000-class model in Triton: the service refuses to start, naming the model,
+    the version and the shapes, instead of serving SERVING while every request would fail."""
+    labels = triton_stack["root"] / "twelve.txt"
+    labels.write_text("".join(f"{i}\tlabel{i}\n" for i in range(12)))
+    spec = f"arch={MODEL},name=twelve,labels={labels},triton_model={MODEL}"
+    service = ServerProcess(
+        ["--backend", "triton", "--triton-url", triton_stack["triton"].grpc_address, "--model", spec],
+        triton_stack["root"] / "serve-twelve.log",
+    )
+    with pytest.raises(RuntimeError) as info:
+        service.wait_ready(timeout=120)
+    service.stop()
+    assert service.proc.returncode not in (0, None)
+    message = str(info.value)
+    assert f"'{MODEL}' version 1" in message, message[-2000:]
+    assert "output 'logits' has shape (1, 1000)" in message and "expected (1, 12)" in message, message[-2000:]

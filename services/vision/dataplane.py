@@ -106,6 +106,7 @@ class DataPlane:
         self.repository = repository
         self._limits = limits
         self._max_images = max_images_per_request
+        self._decode_workers = decode_workers
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="decode")
         # Postprocessing and response building of a large request (a 64-image Tag at threshold 0 makes
         # ~115k tags) take long enough to stall every other RPC if run on the event loop.
@@ -163,19 +164,33 @@ class DataPlane:
 
     async def load_views(self, model: ServedModel, images: Sequence[EncodedImage], spec: ViewSpec) -> list[list[np.ndarray]]:
         """Each image's views for the model's preset; the first bad image fails the call, naming its index,
-        and the decodes not started yet are cancelled (a bad request should not keep the pool busy)."""
+        and the decodes not started yet are not run (a bad request should not keep the pool busy)."""
         self.check_batch(images)
         loop = asyncio.get_running_loop()
-        futures = [loop.run_in_executor(self._pool, self._load_one, model, spec, i, img) for i, img in enumerate(images)]
+        # A request keeps at most one decode per worker queued, so the pool interleaves requests instead of
+        # making a 1-image request wait behind all 64 images of another (the same fairness the batcher gives
+        # inference by queueing a large request one chunk at a time).
+        window = asyncio.Semaphore(self._decode_workers)
+        failed = asyncio.Event()
+
+        async def load(index: int, image: EncodedImage) -> list[np.ndarray]:
+            async with window:
+                if failed.is_set():
+                    raise asyncio.CancelledError
+                return await loop.run_in_executor(self._pool, self._load_one, model, spec, index, image)
+
+        tasks = [asyncio.ensure_future(load(i, img)) for i, img in enumerate(images)]
         try:
-            done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
-            for future in futures:  # in request order, so the lowest failed index is reported
-                if future in done and future.exception() is not None:
-                    raise future.exception()  # type: ignore[misc]
-            return [f.result() for f in futures]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in tasks:  # in request order, so the lowest failed index is reported
+                if task in done and not task.cancelled() and task.exception() is not None:
+                    failed.set()
+                    raise task.exception()  # type: ignore[misc]
+            return [t.result() for t in tasks]
         finally:
-            for future in futures:
-                future.cancel()
+            failed.set()
+            for task in tasks:
+                task.cancel()
 
     async def infer(
         self, model: ServedModel, images: Sequence[EncodedImage], spec: ViewSpec, outputs: tuple[str, ...]

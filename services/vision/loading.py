@@ -34,16 +34,19 @@ def load_model(config: ModelConfig, settings: ServeSettings) -> ServedModel:
     return ServedModel(card, build_backend(config, settings, card, weights))
 
 
-def resolve_weights(config: ModelConfig) -> Path | None:
+def resolve_weights(config: ModelConfig, backend: str) -> Path | None:
     """The weights file a spec serves: its own, else the architecture's bundled one; None for
-    `weights=random`. An architecture without bundled weights and no file is refused: serving random
-    weights with real labels would answer every request with confident nonsense."""
+    `weights=random`, and for a Triton model without a file (Triton holds its weights). An architecture
+    without bundled weights and no file is refused: serving random weights with real labels would answer
+    every request with confident nonsense."""
     from vision.models import get_architecture
 
     if config.weights == RANDOM_WEIGHTS:
         return None
     if config.weights is not None:
         return Path(config.weights)
+    if backend == "triton":
+        return None
     bundled = get_architecture(config.arch).defaults.bundled_weights
     if bundled is None:
         raise ConfigurationError(
@@ -73,8 +76,10 @@ def model_card(config: ModelConfig, settings: ServeSettings) -> tuple[ModelCard,
             raise ConfigurationError(
                 f"model {config.served_name!r}: {len(labels)} labels but the head has {num_classes} outputs"
             )
-    weights = resolve_weights(config)
-    if weights is None:
+    backend = config.backend or settings.backend
+    weights = resolve_weights(config, backend)
+    random_weights = config.weights == RANDOM_WEIGHTS
+    if random_weights:
         log.warning("model %s serves seeded RANDOM weights (weights=random)", config.served_name)
     task = "features" if feature_extractor else (config.task or defaults.task)
     card = ModelCard(
@@ -84,10 +89,10 @@ def model_card(config: ModelConfig, settings: ServeSettings) -> tuple[ModelCard,
         task=task,
         labels=labels,
         preset=get_preset(config.preset or defaults.preset),
-        backend=config.backend or settings.backend,
+        backend=backend,
         signature=entry.signature(num_classes),
         weights_sha256=sha256_file(weights) if weights is not None else "",
-        random_weights=weights is None,
+        random_weights=random_weights,
         # Published metrics describe the bundled weights only.
         metrics=defaults.metrics if config.weights is None else (),
         tagger=None if feature_extractor else _load_tagger(config, defaults.task, labels, labels_source, label_vocabulary),

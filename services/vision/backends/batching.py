@@ -124,15 +124,22 @@ class DynamicBatcher:
         now = time.perf_counter()
         chunks = [inputs[i : i + self._max_batch] for i in range(0, n, self._max_batch)]
         pendings = [_Pending(chunk, outputs, loop.create_future(), now) for chunk in chunks]
-        self._queue.extend(pendings)
-        futures = [p.future for p in pendings]
+        # Admitted whole (the queue limit counts every image now), but queued one chunk at a time: the next
+        # chunk joins the queue behind whatever arrived meanwhile, so a 1-image request waits for at most one
+        # chunk of a 64-image request instead of all four (measured: a Classify's max latency with 64-image
+        # Tags in flight).
         self._queued_images += n
-        self._report_depth()
-        self._wakeup.set()
+        results = []
         try:
-            results = await asyncio.gather(*futures)
+            for pending in pendings:
+                if self._closed:
+                    raise Unavailable("model is shutting down")
+                self._queue.append(pending)
+                self._report_depth()
+                self._wakeup.set()
+                results.append(await pending.future)
         except BaseException:
-            # Cancelled (deadline, client gone) or failed: withdraw our still-queued chunks now, so they
+            # Cancelled (deadline, client gone) or failed: withdraw our remaining chunks now, so they
             # neither run nor count against the queue limit.
             for pending in pendings:
                 pending.future.cancel()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from vision.triton.errors import TritonAdminError, TritonModelLoadError
+from vision.triton.errors import TritonAdminError, TritonError, TritonModelLoadError
 
 
 def _version(version: str | int) -> str:
@@ -33,8 +33,15 @@ class TritonAdmin:
         self.load_timeout_s = load_timeout_s
 
     def _call(self, what: str, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        import tritonclient.http as httpclient
         from tritonclient.utils import InferenceServerException
+
+        try:
+            import tritonclient.http as httpclient
+        except (ImportError, RuntimeError) as exc:  # tritonclient raises RuntimeError when gevent is missing
+            raise TritonError(
+                f"Triton's admin client needs tritonclient.http, which needs geventhttpclient "
+                f"(pip install geventhttpclient==2.6.1; not the tritonclient[http] extra): {exc}"
+            ) from None
 
         t = timeout or self.timeout_s
         try:
@@ -93,10 +100,12 @@ class TritonAdmin:
     def load_model(self, name: str) -> None:
         """(Re)load `name` from the repository, re-reading its config.pbtxt and version folders.
 
-        Measured with Triton 2.51: every load reloads *every* version the policy names, even unchanged
-        ones, and swaps each in only once its new instance is ready, so versions in use keep answering
-        throughout; a version dropped from the policy is unloaded. If the load fails, Triton keeps what
-        was loaded before. TritonModelLoadError carries Triton's reason."""
+        Measured with Triton 2.51: when the model's files changed since its last load (Triton compares
+        modification times; a new version or a new policy in config.pbtxt is a change), every version the
+        policy names is reloaded, unchanged ones included, and each is swapped in only once its new
+        instance is ready, so versions in use keep answering throughout; a version dropped from the policy
+        is unloaded. If the load fails, Triton keeps serving what it had. TritonModelLoadError carries
+        Triton's reason (HTTP 500 for a model that cannot be loaded)."""
         try:
             self._call(f"loading {name!r}", "load_model", name, timeout=self.load_timeout_s)
         except TritonAdminError as exc:

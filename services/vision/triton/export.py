@@ -123,7 +123,9 @@ def export_to_triton(
         int(config.version),
         arch=config.arch,
         num_classes=num_classes,
-        weights=resolve_weights(config),
+        # The export builds the module here, so it needs the weights a local engine would load (for
+        # backend "triton" resolve_weights answers None: Triton holds the weights).
+        weights=resolve_weights(config, "torch"),
         flavour=flavour,
         max_batch_size=max_batch_size,
         preferred_batch_sizes=preferred_batch_sizes,
