@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from vision.evaluation import (
+from vision.tasks.tagging_metrics import (
     average_precision,
     best_f1_thresholds,
     binarize,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vision.errors import ConfigurationError, InvalidArgument, NotFound
-from vision.evaluation import best_f1_thresholds
+from vision.tasks.tagging_metrics import best_f1_thresholds
 from vision.imaging import get_preset
 from vision.models import create_model, get_architecture
 from vision.models.labels import imagenet_names

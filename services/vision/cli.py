@@ -194,7 +194,7 @@ DATASET is either
 Labels match tags by WordNet id (n02121808) or name (case-insensitive); tags outside the dataset's labels
 are ignored. Each batch is sent twice: once as given (--threshold/--min-score/--max-tags; unset = the
 model's own thresholds) for the predicted tags, once with threshold 0 for every label's score (AP/mAP).
-Metrics (vision.evaluation): per-label P/R/F1, CP/CR/CF1 over labels with positives, OP/OR/OF1, samples-F1, mAP.
+Metrics (vision.tasks.tagging_metrics): per-label P/R/F1, CP/CR/CF1 over labels with positives, OP/OR/OF1, samples-F1, mAP.
 """
 
 
@@ -202,7 +202,7 @@ def _eval_tags(args: argparse.Namespace) -> int:
     import grpc
     import numpy as np
 
-    from vision.evaluation import evaluate
+    from vision.tasks.tagging_metrics import evaluate
     from vision.tag_eval import DatasetError, LabelMatcher, load_tag_dataset
     from vision.v1 import tagging_pb2_grpc
 
@@ -271,7 +271,7 @@ def _models(args: argparse.Namespace) -> int:
             try:
                 response = stub.ListModels(common_pb2.ListModelsRequest(), timeout=args.timeout)
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]  # older server
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]  # not hosted here
                     continue
                 return _rpc_error(exc, args.target)
             for m in response.models:
@@ -279,9 +279,11 @@ def _models(args: argparse.Namespace) -> int:
     for m, services in served.values():
         p = m.preprocessing
         tags = f" tag_labels={m.num_tag_labels}" if m.num_tag_labels else ""
+        weights = "RANDOM" if m.random_weights else (m.weights_sha256[:12] or "-")
+        outputs = ",".join(o.name for o in m.outputs)
         print(
             f"{m.name}:{m.version}  arch={m.architecture} task={m.task} labels={m.num_labels}{tags} backend={m.backend} "
-            f"preset={p.preset}({p.resize_shorter}->{p.crop_size}) sha256={m.weights_sha256[:12] or '-'} "
+            f"preset={p.preset}({p.resize_shorter}->{p.crop_size}) sha256={weights} outputs={outputs} "
             f"services={','.join(services)}"
         )
     return 0

@@ -56,6 +56,22 @@ def resolve_weights(config: ModelConfig, backend: str) -> Path | None:
     return bundled()
 
 
+def head_width(config: ModelConfig, n_labels: int | None = None) -> int:
+    """Outputs of the spec's classifier head: `num_classes=`, else one per label of its label file, else
+    the architecture's default; 0 for a feature extractor (`labels=none`). `n_labels` saves reading the
+    label file again when the caller has it."""
+    from vision.models import get_architecture
+    from vision.models.labels import resolve_labels
+
+    if config.labels == NO_LABELS:
+        return 0
+    if config.num_classes:
+        return config.num_classes
+    if config.labels:
+        return n_labels if n_labels is not None else len(resolve_labels(config.labels))
+    return get_architecture(config.arch).defaults.num_classes
+
+
 def model_card(config: ModelConfig, settings: ServeSettings) -> tuple[ModelCard, Path | None]:
     """The record of a spec, and the weights file it names (None: seeded random weights)."""
     from vision.files import sha256_file
@@ -66,16 +82,12 @@ def model_card(config: ModelConfig, settings: ServeSettings) -> tuple[ModelCard,
     defaults = entry.defaults
     feature_extractor = config.labels == NO_LABELS
     labels_source = None if feature_extractor else (config.labels or defaults.labels)
-    if feature_extractor:
-        labels, label_vocabulary = (), None
-        num_classes = 0
-    else:
-        labels, label_vocabulary = labels_and_vocabulary(labels_source)
-        num_classes = config.num_classes or (len(labels) if config.labels else defaults.num_classes)
-        if len(labels) != num_classes:
-            raise ConfigurationError(
-                f"model {config.served_name!r}: {len(labels)} labels but the head has {num_classes} outputs"
-            )
+    labels, label_vocabulary = ((), None) if feature_extractor else labels_and_vocabulary(labels_source)
+    num_classes = head_width(config, len(labels))
+    if len(labels) != num_classes:
+        raise ConfigurationError(
+            f"model {config.served_name!r}: {len(labels)} labels but the head has {num_classes} outputs"
+        )
     backend = config.backend or settings.backend
     weights = resolve_weights(config, backend)
     random_weights = config.weights == RANDOM_WEIGHTS

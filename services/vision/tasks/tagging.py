@@ -117,7 +117,7 @@ class Thresholds:
 
 
 # Keys a thresholds file may have. "fallback", "f1" and "fitted" are what
-# `vision.evaluation.ThresholdSelection.as_dict()` writes, so its output can be saved as-is.
+# `vision.tasks.tagging_metrics.ThresholdSelection.as_dict()` writes, so its output can be saved as-is.
 _THRESHOLD_KEYS = ("default", "fallback", "thresholds", "f1", "fitted", "metadata")
 
 
@@ -137,7 +137,7 @@ def load_thresholds(path: Path, vocab: LabelVocabulary, n_outputs: int) -> Thres
 
     or ``"thresholds": [t0, t1, ...]`` with one value per label of the vocabulary, or one per model output
     (hierarchy concepts then use ``default``). Every value is in [0, 1]. The output of
-    ``vision.evaluation.best_f1_thresholds(...).as_dict()`` (keys thresholds, fallback, f1, fitted) is
+    ``vision.tasks.tagging_metrics.best_f1_thresholds(...).as_dict()`` (keys thresholds, fallback, f1, fitted) is
     accepted as written, its ``fallback`` serving as ``default``. Raises `ConfigurationError` naming the
     file and the offending entry.
     """

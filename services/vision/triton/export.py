@@ -103,20 +103,11 @@ def export_to_triton(
     """Export the model `config` describes (weights, labels -> head width) and write it into `repository`
     under `config.triton_model or served name`, version `config.version`. Returns the model's directory."""
     from vision.errors import ConfigurationError
-    from vision.loading import NO_LABELS, resolve_weights
-    from vision.models import get_architecture
-    from vision.models.labels import resolve_labels
+    from vision.loading import head_width, resolve_weights
 
     if not config.version.isdigit():
         raise ConfigurationError(f"Triton versions are integers, got {config.version!r}")
-    defaults = get_architecture(config.arch).defaults
-    # The head width as `vision serve` derives it (vision.loading.model_card).
-    if config.labels == NO_LABELS:
-        num_classes = 0
-    else:
-        num_classes = config.num_classes or (
-            len(resolve_labels(config.labels)) if config.labels else defaults.num_classes
-        )
+    num_classes = head_width(config)
     return export_model(
         repository,
         config.triton_model or config.served_name,
