@@ -9,35 +9,44 @@ from torch import nn
 from vision.models.signature import EMBEDDING, LOGITS, Signature
 
 
-class ResNetOutputs(nn.Module):
-    """torchvision ResNet/ResNeXt forward, returning logits, the pooled embedding and layer3/layer4."""
-
+class _Taps(nn.Module):
     def __init__(self, net: nn.Module, signature: Signature) -> None:
         super().__init__()
         self.net = net
         self.names = signature.outputs
 
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every feature map the family exposes, by name, and the pooled `embedding`."""
+        raise NotImplementedError
+
+    def head(self, embedding: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        found = self.features(x)
+        if LOGITS in self.names:  # a pure feature extractor has no head to run
+            found[LOGITS] = self.head(found[EMBEDDING])
+        return tuple(found[name] for name in self.names)
+
+
+class ResNetOutputs(_Taps):
+    """torchvision ResNet/ResNeXt: layer3 (stride 16), layer4 (stride 32), the pooled embedding, fc."""
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         net = self.net
         x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
         layer3 = net.layer3(net.layer2(net.layer1(x)))
         layer4 = net.layer4(layer3)
-        embedding = torch.flatten(net.avgpool(layer4), 1)
-        found = {"layer3": layer3, "layer4": layer4, EMBEDDING: embedding}
-        if LOGITS in self.names:
-            found[LOGITS] = net.fc(embedding)
-        return tuple(found[name] for name in self.names)
+        return {"layer3": layer3, "layer4": layer4, EMBEDDING: torch.flatten(net.avgpool(layer4), 1)}
+
+    def head(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.net.fc(embedding)
 
 
-class EfficientNetOutputs(nn.Module):
-    """timm EfficientNet forward, returning logits, the pooled embedding and the declared stage outputs."""
+class EfficientNetOutputs(_Taps):
+    """timm EfficientNet: every block's output as `blocks.<i>`, the head conv, the pooled embedding."""
 
-    def __init__(self, net: nn.Module, signature: Signature) -> None:
-        super().__init__()
-        self.net = net
-        self.names = signature.outputs
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         net = self.net
         found: dict[str, torch.Tensor] = {}
         x = net.bn1(net.conv_stem(x))
@@ -45,7 +54,8 @@ class EfficientNetOutputs(nn.Module):
             x = block(x)
             found[f"blocks.{index}"] = x
         found["conv_head"] = head = net.bn2(net.conv_head(x))
-        found[EMBEDDING] = embedding = net.forward_head(head, pre_logits=True)
-        if LOGITS in self.names:
-            found[LOGITS] = net.classifier(embedding)
-        return tuple(found[name] for name in self.names)
+        found[EMBEDDING] = net.forward_head(head, pre_logits=True)
+        return found
+
+    def head(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.net.classifier(embedding)
