@@ -405,10 +405,10 @@ def test_repository_finds_models_by_task_and_explains_a_model_that_cannot_tag(ml
     assert [m.card.name for m in repo.list("classification")] == ["plain", "wordnet"]
     assert [m.card.name for m in repo.list("tagging")] == ["wordnet", "ml"]
     assert repo.get(task="tagging").card.name == "wordnet"
-    assert repo.get("ml", task="tagging").card.tasks == {"multilabel", "tagging"}
+    assert repo.get("ml", task="tagging").card.tasks == {"multilabel", "tagging", "features"}
     with pytest.raises(
         NotFound,
-        match=r"model 'plain' cannot be used for tagging \(it serves: classification\); available: ml, wordnet",
+        match=r"model 'plain' cannot be used for tagging \(it serves: classification, features\); available: ml, wordnet",
     ):
         repo.get("plain", task="tagging")
     with pytest.raises(NotFound, match="model 'ml' cannot be used for classification"):

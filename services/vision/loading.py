@@ -108,8 +108,15 @@ def model_card(config: ModelConfig, settings: ServeSettings) -> tuple[ModelCard,
         # Published metrics describe the bundled weights only.
         metrics=defaults.metrics if config.weights is None else (),
         tagger=None if feature_extractor else _load_tagger(config, defaults.task, labels, labels_source, label_vocabulary),
+        whitenings=_load_whitenings(config),
     )
     return card, weights
+
+
+def _load_whitenings(config: ModelConfig) -> dict:  # noqa: ANN401 - name -> Whitening
+    from vision.tasks.features import load_whitenings
+
+    return load_whitenings(config.whitenings)
 
 
 def _load_tagger(config: ModelConfig, default_task: str, labels: tuple[str, ...], labels_source: str | None, label_vocabulary: object):  # noqa: ANN202

@@ -30,11 +30,13 @@ from vision.imaging import Preset
 from vision.models.signature import LOGITS, Signature
 
 if TYPE_CHECKING:
+    from vision.tasks.features import Whitening
     from vision.tasks.tagging import Tagger
 
 log = logging.getLogger(__name__)
 
 TAGGING = "tagging"
+FEATURES = "features"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class ModelCard:
     metrics: tuple[tuple[str, float], ...] = ()
     # Tag vocabulary, thresholds and scoring for the Tagging service; None when the model cannot tag.
     tagger: Tagger | None = None
+    # PCA-whitenings of descriptors stored with the model, by name (Features service).
+    whitenings: dict[str, Whitening] = field(default_factory=dict)
 
     @property
     def num_labels(self) -> int:
@@ -62,8 +66,12 @@ class ModelCard:
 
     @property
     def tasks(self) -> frozenset[str]:
-        """What the model can serve: its head's task, plus "tagging" when it has a tagger."""
-        return frozenset((self.task, TAGGING)) if self.tagger is not None else frozenset((self.task,))
+        """What the model can serve: its head's task, "features" (every model has a pooled embedding), and
+        "tagging" when it has a tagger."""
+        tasks = {self.task, FEATURES}
+        if self.tagger is not None:
+            tasks.add(TAGGING)
+        return frozenset(tasks)
 
 
 class ServedModel:

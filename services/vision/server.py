@@ -30,11 +30,13 @@ from vision.loading import load_repository
 from vision.metrics import serve_metrics
 from vision.repository import ModelRepository
 from vision.servicers.classification import SERVICE as CLASSIFICATION, ClassificationServicer
+from vision.servicers.features import SERVICE as FEATURES, FeaturesServicer
 from vision.servicers.tagging import SERVICE as TAGGING, TaggingServicer
 from vision.settings import ServeSettings
 from vision.tasks.classification import CLASSIFICATION as CLASSIFICATION_TASK
+from vision.tasks.features import Features
 from vision.tasks.tagging import TAGGING as TAGGING_TASK
-from vision.v1 import classification_pb2_grpc, tagging_pb2_grpc
+from vision.v1 import classification_pb2_grpc, features_pb2_grpc, tagging_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +49,23 @@ class HostedService:
     full_name: str
     # The model capability its default model must have (ModelCard.tasks).
     task: str
-    add_to_server: Callable[[DataPlane, grpc.aio.Server], None]
+    add_to_server: Callable[[DataPlane, grpc.aio.Server, ServeSettings], None]
 
 
 SERVICES: tuple[HostedService, ...] = (
     HostedService(
         "classification", CLASSIFICATION, CLASSIFICATION_TASK.name,
-        lambda dp, server: classification_pb2_grpc.add_ClassificationServicer_to_server(ClassificationServicer(dp), server),
+        lambda dp, server, _: classification_pb2_grpc.add_ClassificationServicer_to_server(ClassificationServicer(dp), server),
     ),
     HostedService(
         "tagging", TAGGING, TAGGING_TASK.name,
-        lambda dp, server: tagging_pb2_grpc.add_TaggingServicer_to_server(TaggingServicer(dp), server),
+        lambda dp, server, _: tagging_pb2_grpc.add_TaggingServicer_to_server(TaggingServicer(dp), server),
+    ),
+    HostedService(
+        "features", FEATURES, "features",
+        lambda dp, server, settings: features_pb2_grpc.add_FeaturesServicer_to_server(
+            FeaturesServicer(dp, Features(max_shorter=settings.features_max_shorter)), server
+        ),
     ),
 )
 
@@ -161,7 +169,7 @@ async def serve(
     server = grpc.aio.server(options=_grpc_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
     hosted = tuple(svc for svc in SERVICES if svc.name in settings.services)
     for svc in hosted:
-        svc.add_to_server(dataplane, server)
+        svc.add_to_server(dataplane, server, settings)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     _enable_reflection(server, [*(svc.full_name for svc in hosted), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])

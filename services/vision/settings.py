@@ -20,7 +20,7 @@ _CPUS = available_cpus()
 
 Backend = Literal["onnxruntime", "torch", "triton"]
 # Every gRPC service `vision serve` can host (vision.server.SERVICES has one entry for each).
-SERVICE_NAMES = ("classification", "tagging")
+SERVICE_NAMES = ("classification", "tagging", "features")
 # `weights=random`: serve randomly initialised (seeded) weights on purpose, for tests and load tests.
 RANDOM_WEIGHTS = "random"
 
@@ -60,6 +60,9 @@ class ModelConfig(BaseModel):
     thresholds: Path | None = Field(
         None, description="Tagging: per-label thresholds (calibration JSON, see docs/tagging.md); default 0.5."
     )
+    whitenings: Path | None = Field(
+        None, description="Features: a folder of descriptor whitenings (<name>.npz, from `vision fit-whitening`)."
+    )
 
     @property
     def served_name(self) -> str:
@@ -87,7 +90,7 @@ class ServeSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind gRPC and metrics on.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one.")
-    services: Annotated[list[Literal["classification", "tagging"]], NoDecode] = Field(
+    services: Annotated[list[Literal["classification", "tagging", "features"]], NoDecode] = Field(
         default_factory=lambda: list(SERVICE_NAMES),
         description="gRPC services to host, comma-separated (one per Deployment in Kubernetes); default: all.",
     )
@@ -118,6 +121,10 @@ class ServeSettings(BaseSettings):
     models: list[ModelConfig] = Field(
         default_factory=lambda: [ModelConfig(arch="efficientnet_lite0")],
         description="Served models; the first of each task is the default.",
+    )
+    features_max_shorter: int = Field(
+        512, ge=32, le=4096,
+        description="Features: full-resolution views are downscaled so the shorter side is at most this.",
     )
     max_batch_size: int = Field(16, ge=1, le=1024, description="Largest forward pass.")
     max_wait_ms: float = Field(0.0, ge=0, le=1000, description="Extra wait for a non-full batch.")
