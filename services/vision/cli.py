@@ -2,6 +2,9 @@
 
     vision serve                         # embedded default: all services on 127.0.0.1:50051
     vision classify coffee.jpg --top-k 5 # client: classify images through a running server
+    vision features coffee.jpg --recipe gem          # client: global descriptors (Features service)
+    vision eval-retrieval --images DB --gt GT --recipe rmac  # client: retrieval mAP (Oxford/Revisited)
+    vision fit-whitening --images DIR --out w/pca.npz        # client: fit a descriptor whitening
     vision tag coffee.jpg                # client: tag images (multi-label + hierarchy) through a running server
     vision eval-tags DATASET             # client: multi-label metrics of the Tagging service on labelled images
     vision models                        # client: list served models
@@ -339,6 +342,67 @@ def _tag_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", help="model version (default: newest)")
 
 
+def _recipe_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default="center", help="center, ten_crop, spoc, avg, mac, gem, rmac, crow (default center)")
+    parser.add_argument("--layer", default="", help="pooled recipes: feature map to pool (default: the model's last)")
+    parser.add_argument("--gem-p", type=float, help="gem: the exponent (default 3)")
+    parser.add_argument("--scales", default="", help="pooled recipes: comma-separated scales, e.g. 1,0.707,0.5 (default 1)")
+    parser.add_argument("--whitening", default="", help="a whitening stored with the model (default none)")
+    parser.add_argument("--dim", type=int, help="with --whitening: output dimension")
+    parser.add_argument("--model", default="", help="model name (default: the server's default)")
+    parser.add_argument("--version", default="", help="model version (default: the model's default)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per request (default 16)")
+
+
+def _options(args: argparse.Namespace):  # noqa: ANN202 - features_client.RecipeOptions
+    from vision.features_client import RecipeOptions
+
+    scales = tuple(float(s) for s in args.scales.split(",") if s.strip())
+    return RecipeOptions(args.recipe, args.layer, args.gem_p, scales, args.whitening, args.dim, args.model, args.version)
+
+
+def _features_command(args: argparse.Namespace) -> int:
+    """features / eval-retrieval / fit-whitening: errors from the server or the files end the command cleanly."""
+    import grpc
+
+    from vision import features_client as fc
+    from vision.errors import ConfigurationError
+
+    try:
+        if args.command == "features":
+            vectors, response = fc.extract(args.target, args.images, _options(args), batch_size=args.batch_size, timeout=args.timeout)
+            if args.out:
+                np_save(args.out, vectors)
+            print(f"model {response.model.name} version {response.model.version} recipe {response.recipe.name} dim {response.dim}")
+            for path, vector in zip(args.images, vectors, strict=True):
+                head = " ".join(f"{v:+.4f}" for v in vector[:6])
+                print(f"{path}: {head} ...")
+        elif args.command == "eval-retrieval":
+            result = fc.eval_retrieval(
+                args.target, args.images, args.gt, _options(args), queries=args.queries,
+                crop_queries=not args.no_crop, batch_size=args.batch_size, timeout=args.timeout,
+            )
+            print(fc.dump(result))
+        else:
+            result = fc.fit_whitening(
+                args.target, args.images, args.out, _options(args), pairs=args.pairs, dim=args.whitening_dim,
+                batch_size=args.batch_size, timeout=args.timeout,
+            )
+            print(fc.dump(result))
+    except grpc.RpcError as exc:
+        return _rpc_error(exc, args.target)
+    except (OSError, ConfigurationError, ValueError, KeyError) as exc:
+        print(f"vision {args.command}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def np_save(path: Path, vectors: object) -> None:
+    import numpy as np
+
+    np.save(path, vectors)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vision", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -375,6 +439,31 @@ def build_parser() -> argparse.ArgumentParser:
     eval_tags.add_argument("--batch-size", type=int, default=16, help="images per request (default 16)")
     eval_tags.add_argument("--json", action="store_true", help="print the report (with per-label metrics) as JSON")
     eval_tags.set_defaults(func=_eval_tags)
+
+    features = client("features", "global descriptors of images through a running server's Features service")
+    features.add_argument("images", nargs="+", type=Path, help="image files")
+    _recipe_options(features)
+    features.add_argument("--out", type=Path, help="also save the (n, dim) float32 array here (.npy)")
+    features.set_defaults(func=_features_command)
+
+    eval_retrieval = client(
+        "eval-retrieval",
+        "retrieval mAP / mP@k of a recipe through a running server (Oxford, Paris or Revisited ground truth)",
+    )
+    eval_retrieval.add_argument("--images", type=Path, required=True, help="database image folder (files named <name>.jpg)")
+    eval_retrieval.add_argument("--gt", type=Path, required=True, help="Oxford ground-truth folder (*_query/good/ok/junk.txt) or Revisited gnd .pkl/.json")
+    eval_retrieval.add_argument("--queries", type=Path, help="query image folder (default: --images)")
+    eval_retrieval.add_argument("--no-crop", action="store_true", help="send whole query images, ignoring their bounding boxes")
+    _recipe_options(eval_retrieval)
+    eval_retrieval.set_defaults(func=_features_command)
+
+    fit = client("fit-whitening", "fit a descriptor whitening on a folder of images through a running server")
+    fit.add_argument("--images", type=Path, required=True, help="images to fit on (hundreds or more for a stable PCA)")
+    fit.add_argument("--out", type=Path, required=True, help="whitening file to write (<name>.npz; serve it with whitenings=FOLDER)")
+    fit.add_argument("--pairs", type=Path, help="matching pairs (name<TAB>name per line): Radenović et al.'s learned whitening")
+    fit.add_argument("--whitening-dim", type=int, help="keep this many dimensions (default: all)")
+    _recipe_options(fit)
+    fit.set_defaults(func=_features_command)
 
     models = client("models", "list the models a running server serves")
     models.set_defaults(func=_models)
