@@ -77,6 +77,31 @@ def test_classification_through_triton(triton_stack, photos):
     assert info.backend == "triton"
 
 
+@pytest.mark.parametrize("recipe", ["center", "ten_crop", "gem", "rmac"])
+def test_features_through_triton_equal_the_embedded_engine(triton_stack, features_stub, photos, recipe):
+    """The same Extract request through Triton and through the session's ONNX Runtime server."""
+    from vision.servicers.features import decode_descriptor
+    from vision.v1 import features_pb2, features_pb2_grpc
+
+    request = features_pb2.ExtractRequest(
+        images=[common_pb2.Image(content=photos["coffee.jpg"]), common_pb2.Image(content=photos["rocket.jpg"])],
+        recipe=recipe,
+    )
+    with grpc.insecure_channel(triton_stack["service"].address) as channel:
+        remote = features_pb2_grpc.FeaturesStub(channel).Extract(request, timeout=120)
+    local = features_stub.Extract(request, timeout=120)
+    assert remote.model.version == "1" and remote.dim == local.dim
+    for r, l in zip(remote.descriptors, local.descriptors, strict=True):
+        np.testing.assert_allclose(decode_descriptor(r), decode_descriptor(l), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def features_stub(channel):
+    from vision.v1 import features_pb2_grpc
+
+    return features_pb2_grpc.FeaturesStub(channel)
+
+
 def test_requests_larger_than_tritons_max_batch_are_split(triton_stack, photos):
     stub = _stub(triton_stack["service"].address)
     images = [photos["coffee.jpg"], photos["chelsea.png"], photos["rocket.jpg"]] * 7  # 21 > max_batch_size 16
