@@ -106,6 +106,7 @@ def test_a_model_that_is_down_takes_only_its_own_services_out_of_rotation(tmp_pa
             assert _health(channel, "vision.v1.Classification") == SERVING
             assert _health(channel, "vision.v1.Tagging") == NOT_SERVING
             assert _health(channel, "") == NOT_SERVING  # not every hosted service can answer
+            assert _health(channel, "vision.liveness") == SERVING  # but the process is alive: no restart
             reply = classification_pb2_grpc.ClassificationStub(channel).Classify(classify_request(photos["coffee.jpg"]), timeout=60)
             assert reply.results[0].predictions[0].index == 967
             with pytest.raises(grpc.RpcError) as info:

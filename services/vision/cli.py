@@ -5,12 +5,20 @@
     vision features coffee.jpg --recipe gem          # client: global descriptors (Features service)
     vision eval-retrieval --images DB --gt GT --recipe rmac  # client: retrieval mAP (Oxford/Revisited)
     vision fit-whitening --images DIR --out w/pca.npz        # client: fit a descriptor whitening
+    vision delf-extract a.jpg --show 5                   # client: DELF keypoints + descriptors (Delf service)
+    vision delf-match a.jpg b.jpg --out matches.png      # client: RANSAC-verified DELF matches, drawn (alias: match)
+    vision fit-delf-pca --images DIR --out pca.npz       # client: fit the DELF descriptor PCA (40-d)
     vision tag coffee.jpg                # client: tag images (multi-label + hierarchy) through a running server
     vision eval-tags DATASET             # client: multi-label metrics of the Tagging service on labelled images
     vision models                        # client: list served models
     vision export-triton --model efficientnet_lite0 --repository repo  # ONNX model + config.pbtxt for Triton
     vision triton --repository repo      # local tritonserver on 127.0.0.1 (sets its runtime up on first use)
     vision loadtest --help               # closed-loop load generator and raw-model baseline
+    vision registry --help               # model registry (MLflow): register, promote, rollback, show ...
+    vision jobs --help                   # jobs: submit-download / submit-finetune, status, list, cancel, watch, wait
+    vision worker --queues download,train  # Celery worker for the jobs (Redis at 127.0.0.1:6379)
+    vision serve --model models:/lite@production   # serve a registry alias and follow it
+    vision serve --runner ray              # the same services on Ray Serve (gRPC proxy, @serve.batch; docs/ray.md)
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         help="Serve a model (repeatable): an architecture name, or key=value pairs, e.g. "
         "'arch=resnet50,weights=/w/r50.pt,version=2,labels=/w/labels.txt,name=r50'. "
         f"Keys: {', '.join(ModelConfig.model_fields)} (see docs/tagging.md for the tagging ones). "
+        "Or a model registry URI: models:/NAME@ALIAS serves the version the alias points to and follows it "
+        "(--registry-* flags; docs/registry.md), models:/NAME/VERSION pins one. "
         "[env VISION_MODELS as a JSON list; default efficientnet_lite0]",
     )
 
@@ -74,12 +84,19 @@ def _serve(args: argparse.Namespace) -> int:
     from vision.server import Endpoints, serve
 
     def announce(endpoints: Endpoints) -> None:
-        names = ", ".join(f"{m.served_name}:{m.version}" for m in settings.models)
+        names = ", ".join(m.registry or f"{m.served_name}:{m.version}" for m in settings.models)
+        if settings.services == ["jobs"]:
+            names = "none: jobs only"
         print(f"vision serve: gRPC listening on {endpoints.grpc_address} (models: {names})", flush=True)
         print(f"vision serve: metrics at {endpoints.metrics_url}", flush=True)
 
     try:
-        asyncio.run(serve(settings, on_ready=announce))
+        if settings.runner == "ray":
+            from vision.ray.runner import run as run_on_ray
+
+            run_on_ray(settings, on_ready=announce)
+        else:
+            asyncio.run(serve(settings, on_ready=announce))
     except ConfigurationError as exc:
         print(f"vision serve: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -289,6 +306,14 @@ def _models(args: argparse.Namespace) -> int:
             f"preset={p.preset}({p.resize_shorter}->{p.crop_size}) sha256={weights} outputs={outputs} "
             f"services={','.join(services)}"
         )
+        if m.HasField("registry"):
+            r = m.registry
+            line = f"  registry {r.uri}: serving {r.serving_version}" + (f", alias at {r.alias_version}" if r.alias else "")
+            if r.refused_version:
+                line += f"; REFUSED version {r.refused_version} ({r.refused_check}): {r.refused_reason}"
+            if r.error:
+                line += f"; registry error: {r.error}"
+            print(line)
     return 0
 
 
@@ -403,11 +428,53 @@ def np_save(path: Path, vectors: object) -> None:
     np.save(path, vectors)
 
 
+def _add_delf_commands(client) -> None:  # noqa: ANN001 - build_parser's `client` factory
+    """delf-extract, delf-match (alias match), fit-delf-pca: clients of the Delf service (vision.delf_client)."""
+    from vision.delf_client import EXTRACT_HELP, FIT_PCA_HELP, MATCH_HELP, add_extract_options, run
+
+    extract = client("delf-extract", "DELF keypoints and descriptors of images through a running server")
+    extract.description = EXTRACT_HELP
+    extract.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, BMP, GIF)")
+    extract.add_argument("--show", type=int, default=5, help="print the best N keypoints per image (default 5)")
+    extract.add_argument("--save", type=Path, metavar="DIR", help="write DIR/<name>.delf.npz per image (delf-match reads them)")
+    extract.add_argument("--json", action="store_true", help="print the response as JSON")
+    add_extract_options(extract)
+    extract.set_defaults(func=run)
+
+    for name, help_text in (
+        ("delf-match", "match two images with DELF + RANSAC through a running server (alias: match)"),
+        ("match", "same as delf-match"),
+    ):
+        match = client(name, help_text)
+        match.description = MATCH_HELP
+        match.add_argument("a", type=Path, help="image file, or features saved by delf-extract --save (*.delf.npz)")
+        match.add_argument("b", type=Path, help="the other side, likewise")
+        match.add_argument("--out", type=Path, help="draw both images side by side with a line per inlier (PNG)")
+        match.add_argument("--json", action="store_true", help="print the response as JSON")
+        add_extract_options(match)
+        match.set_defaults(func=run)
+
+    fit = client("fit-delf-pca", "fit the DELF descriptor PCA on a folder of images through a running server")
+    fit.formatter_class = argparse.RawDescriptionHelpFormatter
+    fit.epilog = FIT_PCA_HELP
+    fit.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
+    fit.add_argument("--out", type=Path, required=True, help="PCA file to write (.npz; serve it with delf_pca=FILE)")
+    fit.add_argument("--dim", type=int, default=40, help="dimensions kept (default 40, the reference's)")
+    fit.add_argument("--whiten", action="store_true", help="divide by the axes' standard deviations (default off)")
+    fit.add_argument("--batch-size", type=int, default=4, help="images per Extract request (default 4)")
+    fit.add_argument("--max-images", type=int, help="use at most this many images")
+    add_extract_options(fit)
+    fit.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vision", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the gRPC server (all services, one process)")
+    serve = sub.add_parser(
+        "serve",
+        help="run the gRPC server (all services, one process; --runner ray: a Ray Serve application, docs/ray.md)",
+    )
     _add_settings_flags(serve)
     serve.set_defaults(func=_serve)
 
@@ -465,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_options(fit)
     fit.set_defaults(func=_features_command)
 
+    _add_delf_commands(client)
+
     models = client("models", "list the models a running server serves")
     models.set_defaults(func=_models)
 
@@ -501,6 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("triton", help="run the local Triton server; `vision triton --help`", add_help=False)
     sub.add_parser("loadtest", help="load generator; `vision loadtest --help` for its options", add_help=False)
+    sub.add_parser("registry", help="model registry (MLflow): register, list, show, promote, rollback, verify, "
+                   "delete-version; `vision registry --help`", add_help=False)
+    sub.add_parser("jobs", help="download and fine-tune jobs through the Jobs service: submit-download, "
+                   "submit-finetune, status, list, cancel, watch, wait; `vision jobs --help`", add_help=False)
+    sub.add_parser("worker", help="Celery worker for the job queues (download, train); `vision worker --help`",
+                   add_help=False)
     return parser
 
 
@@ -508,6 +583,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["loadtest"]:
         return _loadtest(argv[1:])
+    if argv[:1] == ["registry"]:
+        from vision.registry.cli import main as registry_main
+
+        return registry_main(argv[1:])
+    if argv[:1] == ["jobs"]:
+        from vision.jobs.cli import main as jobs_main
+
+        return jobs_main(argv[1:])
+    if argv[:1] == ["worker"]:
+        from vision.jobs.worker import main as worker_main
+
+        return worker_main(argv[1:])
     if argv[:1] == ["triton"]:
         return _triton(argv[1:])
     args = build_parser().parse_args(argv)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from vision.backends import BatchingConfig, InferenceBackend
@@ -80,7 +81,10 @@ def model_card(config: ModelConfig, settings: ServeSettings) -> tuple[ModelCard,
 
     entry = get_architecture(config.arch)
     defaults = entry.defaults
-    feature_extractor = config.labels == NO_LABELS
+    # `labels=none`, or an architecture that is a pure extractor by default (DELF) given no labels.
+    feature_extractor = config.labels == NO_LABELS or (
+        config.labels is None and not config.num_classes and defaults.labels is None and defaults.num_classes == 0
+    )
     labels_source = None if feature_extractor else (config.labels or defaults.labels)
     labels, label_vocabulary = ((), None) if feature_extractor else labels_and_vocabulary(labels_source)
     num_classes = head_width(config, len(labels))
@@ -109,8 +113,22 @@ def model_card(config: ModelConfig, settings: ServeSettings) -> tuple[ModelCard,
         metrics=defaults.metrics if config.weights is None else (),
         tagger=None if feature_extractor else _load_tagger(config, defaults.task, labels, labels_source, label_vocabulary),
         whitenings=_load_whitenings(config),
+        delf=_load_delf(config, entry.signature(num_classes)),
     )
     return card, weights
+
+
+def _load_delf(config: ModelConfig, signature: object):  # noqa: ANN202 - DelfModel | None
+    from vision.tasks.delf import load_delf_model
+
+    return load_delf_model(
+        config.served_name,
+        signature,  # type: ignore[arg-type]
+        layer=config.delf_layer,
+        score_threshold=config.delf_score_threshold,
+        max_image_side=config.delf_max_side,
+        pca=config.delf_pca,
+    )
 
 
 def _load_whitenings(config: ModelConfig) -> dict:  # noqa: ANN401 - name -> Whitening
@@ -210,13 +228,19 @@ def cached_onnx(config: ModelConfig, settings: ServeSettings, card: ModelCard, w
 
 
 async def publish(
-    repository: ModelRepository, config: ModelConfig, settings: ServeSettings, *, make_default: bool = False
+    repository: ModelRepository,
+    config: ModelConfig,
+    settings: ServeSettings,
+    *,
+    make_default: bool = False,
+    check: Callable[[ServedModel], Awaitable[None]] | None = None,
 ) -> ServedModel:
     """Load `config` on a loader thread (the event loop and the models already serving keep running), then
-    add it to the live set; the registry's publisher drives this."""
+    add it to the live set; the registry's publisher drives this. `check` runs on the started model before
+    it is published (see ModelRepository.add)."""
     loop = asyncio.get_running_loop()
     model = await loop.run_in_executor(_loader(), load_model, config, settings)
-    await repository.add(model, make_default=make_default)
+    await repository.add(model, make_default=make_default, check=check)
     return model
 
 
@@ -232,5 +256,9 @@ def _loader() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def load_repository(settings: ServeSettings) -> ModelRepository:  # noqa: ANN201 - ModelRepository
-    """Every configured model, loaded before the server binds its port."""
+    """Every configured model, loaded before the server binds its port. Registry entries
+    (`models:/NAME@alias`) are resolved first (vision.registry.publisher.RegistryPublisher.resolve)."""
+    unresolved = [cfg.registry for cfg in settings.models if cfg.registry]
+    if unresolved:
+        raise ConfigurationError(f"registry models {unresolved} must be resolved first (vision.registry.publisher)")
     return ModelRepository([load_model(cfg, settings) for cfg in settings.models])

@@ -62,6 +62,61 @@ def record_model(card: "ModelCard") -> None:
     ).set(1)
 
 
+# Model registry (vision.registry.publisher): one series per followed model, never per version moved through.
+REGISTRY_SWITCHES = Counter(
+    "vision_registry_switches_total",
+    "Alias moves acted on: outcome=served (the new version answers) or refused (the old one keeps serving).",
+    ["model", "outcome"],
+)
+REGISTRY_REFUSALS = Counter(
+    "vision_registry_refusals_total",
+    "Versions refused, by the check that refused them: sha256 (artifact corrupted), gate (golden outputs "
+    "differ), load (cannot be loaded or published), download (registry or artifact store unreachable).",
+    ["model", "check"],
+)
+REGISTRY_SWITCH_SECONDS = Histogram(
+    "vision_registry_switch_duration_seconds",
+    "From seeing the alias move to the new version answering: download, sha256, load, gate, switch.",
+    ["model"],
+    buckets=(0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+)
+REGISTRY_ALIAS_VERSION = Gauge(
+    "vision_registry_alias_version", "The version the followed alias points to (last check).", ["model", "alias"]
+)
+REGISTRY_SERVING_VERSION = Gauge(
+    "vision_registry_serving_version", "The registry version answering requests that name no version.", ["model"]
+)
+REGISTRY_POLL_ERRORS = Counter(
+    "vision_registry_poll_errors_total", "Failed looks at the registry (store unreachable, alias deleted).", ["model"]
+)
+
+
+# Jobs (vision.jobs): exported by `vision worker` (prometheus_client multiprocess mode over its Celery pool
+# processes). Gauges say how the values of the pool processes combine.
+JOBS_FINISHED = Counter("vision_jobs_finished_total", "Jobs ended, by kind and final state.", ["kind", "state"])
+JOB_DURATION = Histogram(
+    "vision_job_duration_seconds",
+    "Run time of one job attempt, by kind and final state.",
+    ["kind", "state"],
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400),
+)
+JOBS_RUNNING = Gauge("vision_jobs_running", "Jobs running now.", ["kind"], multiprocess_mode="livesum")
+JOB_PROGRESS = Gauge(
+    "vision_job_progress_ratio", "Progress of the job a pool process runs (0 when idle).", ["kind"],
+    multiprocess_mode="liveall",
+)
+DOWNLOAD_URLS = Counter(
+    "vision_download_urls_total", "URLs handled by download jobs, by outcome (ok, duplicate, invalid reason).",
+    ["outcome"],
+)
+DOWNLOAD_BYTES = Counter("vision_download_bytes_total", "Image bytes fetched by download jobs.")
+TRAIN_IMAGES = Counter("vision_train_images_total", "Images trained on by fine-tune jobs, by task.", ["task"])
+TRAIN_EPOCH_SECONDS = Histogram(
+    "vision_train_epoch_duration_seconds", "Time of one fine-tune epoch (training and validation), by task.",
+    ["task"], buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+)
+
+
 # Every metric with `model` and `version` labels: a retired version's series are removed from all of them.
 _PER_MODEL = (IMAGES, STAGE_LATENCY, BATCH_SIZE, QUEUE_DEPTH, BACKEND_ERRORS, MODEL_INFO)
 

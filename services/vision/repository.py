@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -30,13 +30,16 @@ from vision.imaging import Preset
 from vision.models.signature import LOGITS, Signature
 
 if TYPE_CHECKING:
+    from vision.registry.status import RegistryStatus
     from vision.tasks.features import Whitening
+    from vision.tasks.delf import DelfModel
     from vision.tasks.tagging import Tagger
 
 log = logging.getLogger(__name__)
 
 TAGGING = "tagging"
 FEATURES = "features"
+DELF = "delf"
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,11 @@ class ModelCard:
     tagger: Tagger | None = None
     # PCA-whitenings of descriptors stored with the model, by name (Features service).
     whitenings: dict[str, Whitening] = field(default_factory=dict)
+    # For a model followed through the model registry (`models:/NAME@alias`): the live status of that
+    # entry (alias, served version, refusals), shared by its versions; None otherwise.
+    registry: RegistryStatus | None = field(default=None, compare=False)
+    # How the model extracts DELF keypoints (layer, attention or L2-norm scores, PCA); None when it cannot.
+    delf: DelfModel | None = None
 
     @property
     def num_labels(self) -> int:
@@ -71,6 +79,8 @@ class ModelCard:
         tasks = {self.task, FEATURES}
         if self.tagger is not None:
             tasks.add(TAGGING)
+        if self.delf is not None:
+            tasks.add(DELF)
         return frozenset(tasks)
 
 
@@ -200,13 +210,18 @@ class ModelRepository:
         for model in self._snapshot.models:
             await _start(model)
 
-    async def add(self, model: ServedModel, *, make_default: bool = False) -> None:
+    async def add(
+        self, model: ServedModel, *, make_default: bool = False, check: Callable[[ServedModel], Awaitable[None]] | None = None
+    ) -> None:
         """Start and verify `model`, then publish it in one step (requests see it at once). With
-        `make_default`, requests naming no version get it from now on."""
+        `make_default`, requests naming no version get it from now on. `check` runs on the started model
+        before it is published (the registry's promotion gate); when it raises, the model never serves."""
         if any(m.key == model.key for m in self._snapshot.models):
             raise ConfigurationError(f"model {model.card.name!r} version {model.card.version!r} is already served")
         try:
             await _start(model)
+            if check is not None:
+                await check(model)
         except BaseException:
             await model.backend.close()
             metrics.forget_model(*model.key)
@@ -244,6 +259,7 @@ class ModelRepository:
                         model.leases, drain_timeout_s)
         await model.backend.close()
         metrics.forget_model(name, version)
+        await asyncio.to_thread(release_memory)
 
     async def close(self) -> None:
         for model in self._snapshot.models:
@@ -256,3 +272,23 @@ async def _start(model: ServedModel) -> None:
     if model.backend.kind != "triton":
         await model.verify_outputs()
     metrics.record_model(model.card)
+
+
+def release_memory() -> None:
+    """Hand the memory of a retired version back to the OS. Measured (registry switches, ONNX Runtime):
+    without this RSS kept ~55 MiB more after every switch, 304 -> 719 MiB over 8 switches, because a
+    closed session's buffers go back to glibc's heap but not to the OS; with it RSS returns to about one
+    version's worth after each switch."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return
+    trim(0)

@@ -30,13 +30,15 @@ from vision.loading import load_repository
 from vision.metrics import serve_metrics
 from vision.repository import ModelRepository
 from vision.servicers.classification import SERVICE as CLASSIFICATION, ClassificationServicer
+from vision.servicers.delf import SERVICE as DELF, DelfServicer
 from vision.servicers.features import SERVICE as FEATURES, FeaturesServicer
+from vision.servicers.jobs import SERVICE as JOBS, add_to_server as add_jobs
 from vision.servicers.tagging import SERVICE as TAGGING, TaggingServicer
 from vision.settings import ServeSettings
 from vision.tasks.classification import CLASSIFICATION as CLASSIFICATION_TASK
 from vision.tasks.features import Features
 from vision.tasks.tagging import TAGGING as TAGGING_TASK
-from vision.v1 import classification_pb2_grpc, features_pb2_grpc, tagging_pb2_grpc
+from vision.v1 import classification_pb2_grpc, delf_pb2_grpc, features_pb2_grpc, tagging_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,12 @@ class HostedService:
     name: str
     # Fully qualified gRPC name, as health checks and reflection use it.
     full_name: str
-    # The model capability its default model must have (ModelCard.tasks).
+    # The model capability its default model must have (ModelCard.tasks); "" for a service without models
+    # (Jobs), whose add_to_server returns its own readiness check.
     task: str
-    add_to_server: Callable[[DataPlane, grpc.aio.Server, ServeSettings], None]
+    # Adds the servicer; may return a readiness callable (health SERVING while it returns True) that
+    # replaces the default model check.
+    add_to_server: Callable[[DataPlane, grpc.aio.Server, ServeSettings], Callable[[], bool] | None]
 
 
 SERVICES: tuple[HostedService, ...] = (
@@ -67,6 +72,12 @@ SERVICES: tuple[HostedService, ...] = (
             FeaturesServicer(dp, Features(max_shorter=settings.features_max_shorter)), server
         ),
     ),
+    HostedService(
+        "delf", DELF, "delf",
+        lambda dp, server, _: delf_pb2_grpc.add_DelfServicer_to_server(DelfServicer(dp), server),
+    ),
+    # Jobs (vision.jobs): ready while its Redis answers.
+    HostedService("jobs", JOBS, "", lambda _, server, settings: add_jobs(server, settings.jobs_config())),
 )
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -108,21 +119,36 @@ def _grpc_options(settings: ServeSettings) -> list[tuple[str, int]]:
 
 
 HealthState = dict[str, int]
+# Health-check name that is SERVING while the process runs, whatever its models do (liveness probes).
+LIVENESS = "vision.liveness"
 
 
-def _health_state(repository: ModelRepository, hosted: tuple[HostedService, ...]) -> HealthState:
+def _health_state(
+    repository: ModelRepository, hosted: tuple[HostedService, ...], probes: dict[str, Callable[[], bool] | None] | None = None
+) -> HealthState:
     """Per hosted service: SERVING when its default model is ready, so one model that is down takes only
-    its own services out of load balancing. The overall entry ("") is SERVING when every hosted service is."""
+    its own services out of load balancing. The overall entry ("") is SERVING when every hosted service is;
+    `LIVENESS` whenever the process runs."""
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-    state = {svc.full_name: serving if repository.ready(svc.task) else not_serving for svc in hosted}
+    probes = probes or {}
+
+    def ready(svc: HostedService) -> bool:
+        probe = probes.get(svc.full_name)
+        return probe() if probe is not None else repository.ready(svc.task)
+
+    state = {svc.full_name: serving if ready(svc) else not_serving for svc in hosted}
     state[""] = serving if all(v == serving for v in state.values()) else not_serving
+    # For liveness probes: the process answers. A model that is down must take its services out of load
+    # balancing (readiness), not get the pod restarted, which would not bring a remote Triton back.
+    state[LIVENESS] = serving
     return state
 
 
 async def _update_health(
-    health: health_aio.HealthServicer, repository: ModelRepository, hosted: tuple[HostedService, ...], current: HealthState
+    health: health_aio.HealthServicer, repository: ModelRepository, hosted: tuple[HostedService, ...], current: HealthState,
+    probes: dict[str, Callable[[], bool] | None] | None = None,
 ) -> HealthState:
-    wanted = _health_state(repository, hosted)
+    wanted = _health_state(repository, hosted, probes)
     for name, status in wanted.items():
         if current.get(name) != status:
             await health.set(name, status)
@@ -133,12 +159,12 @@ async def _update_health(
 
 async def _track_health(
     health: health_aio.HealthServicer, repository: ModelRepository, hosted: tuple[HostedService, ...],
-    state: HealthState, interval_s: float = 0.5,
+    state: HealthState, interval_s: float = 0.5, probes: dict[str, Callable[[], bool] | None] | None = None,
 ) -> None:
     """Keeps health current: a remote Triton can go away and come back, versions come and go."""
     while True:
         await asyncio.sleep(interval_s)
-        state = await _update_health(health, repository, hosted, state)
+        state = await _update_health(health, repository, hosted, state, probes)
 
 
 async def serve(
@@ -154,10 +180,23 @@ async def serve(
     # Classify's max latency with 64-image threshold-0 Tags in flight fell from 328 to 146 ms (loadtest.stall).
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     log.info("CPUs: %s; engine threads %d, decode workers %d", describe_cpus(), settings.threads, settings.decode_workers)
-    repository = repository or load_repository(settings)
+    registry = None
+    if repository is None and any(m.registry for m in settings.models):
+        # Imported only here: without a `models:/...` entry the registry (and MLflow) costs nothing.
+        from vision.registry.publisher import RegistryPublisher
+
+        registry = RegistryPublisher(settings)
+        repository = load_repository(registry.resolve())
+    hosted = tuple(svc for svc in SERVICES if svc.name in settings.services)
+    # A process hosting only services without models (Jobs) loads none.
+    repository = repository or (load_repository(settings) if any(svc.task for svc in hosted) else ModelRepository([]))
     try:
         await repository.start()
+        if registry is not None:
+            await registry.start(repository)  # gates the versions loaded, then follows their aliases
     except BaseException:
+        if registry is not None:
+            await registry.close()
         await repository.close()
         raise
     dataplane = DataPlane(
@@ -167,9 +206,7 @@ async def serve(
         decode_workers=settings.decode_workers,
     )
     server = grpc.aio.server(options=_grpc_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
-    hosted = tuple(svc for svc in SERVICES if svc.name in settings.services)
-    for svc in hosted:
-        svc.add_to_server(dataplane, server, settings)
+    probes = {svc.full_name: svc.add_to_server(dataplane, server, settings) for svc in hosted}
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     _enable_reflection(server, [*(svc.full_name for svc in hosted), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
@@ -187,8 +224,8 @@ async def serve(
         await repository.close()
         raise OSError(f"cannot bind metrics on {_hostport(settings.host, settings.metrics_port)}: {exc.strerror}") from None
     await server.start()
-    state = await _update_health(health, repository, hosted, {})
-    health_task = asyncio.get_running_loop().create_task(_track_health(health, repository, hosted, state))
+    state = await _update_health(health, repository, hosted, {}, probes)
+    health_task = asyncio.get_running_loop().create_task(_track_health(health, repository, hosted, state, probes=probes))
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -205,6 +242,8 @@ async def serve(
     finally:
         log.info("shutting down: draining in-flight RPCs for up to %.1fs", settings.grace_seconds)
         health_task.cancel()
+        if registry is not None:
+            await registry.close()
         await health.enter_graceful_shutdown()
         await server.stop(settings.grace_seconds)
         await repository.close()

@@ -20,7 +20,10 @@ _CPUS = available_cpus()
 
 Backend = Literal["onnxruntime", "torch", "triton"]
 # Every gRPC service `vision serve` can host (vision.server.SERVICES has one entry for each).
-SERVICE_NAMES = ("classification", "tagging", "features")
+SERVICE_NAMES = ("classification", "tagging", "features", "delf", "jobs")
+# Hosted when --services is not given: the model services. Jobs needs Redis and is asked for by name
+# (`--services jobs`, or the list with jobs in it), so a process without Redis still serves models.
+DEFAULT_SERVICES = ("classification", "tagging", "features", "delf")
 # `weights=random`: serve randomly initialised (seeded) weights on purpose, for tests and load tests.
 RANDOM_WEIGHTS = "random"
 
@@ -30,7 +33,13 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    arch: str = Field(description="Builder name in the model registry, e.g. efficientnet_lite0, resnet50.")
+    arch: str = Field("", description="Builder name in the model registry, e.g. efficientnet_lite0, resnet50.")
+    registry: str | None = Field(
+        None,
+        description="A version from the model registry instead of arch/weights/labels: models:/NAME@ALIAS follows the "
+        "alias (the server publishes the version the alias points to, after its checks), models:/NAME/VERSION "
+        "pins one. See docs/registry.md.",
+    )
     name: str | None = Field(None, description="Name clients select the model by; defaults to arch.")
     version: str = Field("1", min_length=1, description="Version reported in every response.")
     weights: Literal["random"] | Path | None = Field(
@@ -63,14 +72,56 @@ class ModelConfig(BaseModel):
     whitenings: Path | None = Field(
         None, description="Features: a folder of descriptor whitenings (<name>.npz, from `vision fit-whitening`)."
     )
+    delf_layer: str | None = Field(
+        None,
+        description="DELF: the feature map keypoints come from; default: the map beside the model's attention "
+        "output, else its shallowest stride-16 map (ResNet layer3, EfficientNet-Lite0 blocks.4). See docs/delf.md.",
+    )
+    delf_score_threshold: float | None = Field(
+        None,
+        description="DELF: keep keypoints scoring at least this; default 100 (the reference's) with trained "
+        "attention, 0 when scores are feature L2 norms (no attention output).",
+    )
+    delf_max_side: int | None = Field(
+        None, ge=16, le=8192, description="DELF: cap of the image's longer side before the pyramid; default 1024."
+    )
+    delf_pca: Path | None = Field(
+        None, description="DELF: descriptor PCA from `vision fit-delf-pca`; without one descriptors keep the map's width."
+    )
 
     @property
     def served_name(self) -> str:
         return self.name or self.arch
 
+    @model_validator(mode="after")
+    def _arch_or_registry(self) -> "ModelConfig":
+        if self.registry is None:
+            if not self.arch:
+                raise ValueError("a model needs arch= (an architecture) or a registry URI (models:/NAME@ALIAS)")
+            return self
+        from vision.registry.uri import parse_model_uri
+
+        try:
+            uri = parse_model_uri(self.registry)
+        except ConfigurationError as exc:
+            raise ValueError(str(exc)) from None
+        fixed = {"arch", "weights", "labels", "preset", "onnx", "num_classes", "task", "hierarchy", "thresholds", "whitenings"}
+        given = sorted(k for k in fixed & self.model_fields_set if getattr(self, k))
+        if given:
+            raise ValueError(f"registry model {self.registry}: {', '.join(given)} come from the registered version")
+        if self.name not in (None, uri.name):
+            raise ValueError(f"registry model {self.registry}: it is served under its registered name {uri.name!r}")
+        object.__setattr__(self, "name", uri.name)
+        if uri.version is not None:
+            object.__setattr__(self, "version", uri.version)
+        return self
+
     @classmethod
     def parse_spec(cls, spec: str) -> "ModelConfig":
-        """`efficientnet_lite0` or `arch=resnet50,weights=/w.pt,version=2,labels=/l.txt,name=r50`."""
+        """`efficientnet_lite0` or `arch=resnet50,weights=/w.pt,version=2,labels=/l.txt,name=r50`, or a
+        registry URI `models:/NAME@ALIAS` / `models:/NAME/VERSION` (optionally `registry=URI,backend=...`)."""
+        if spec.strip().startswith("models:/"):
+            return cls(registry=spec.strip())
         if "=" not in spec:
             return cls(arch=spec.strip())
         fields: dict[str, str] = {}
@@ -90,9 +141,10 @@ class ServeSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind gRPC and metrics on.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one.")
-    services: Annotated[list[Literal["classification", "tagging", "features"]], NoDecode] = Field(
-        default_factory=lambda: list(SERVICE_NAMES),
-        description="gRPC services to host, comma-separated (one per Deployment in Kubernetes); default: all.",
+    services: Annotated[list[Literal["classification", "tagging", "features", "delf", "jobs"]], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_SERVICES),
+        description="gRPC services to host, comma-separated (one per Deployment in Kubernetes); default: every model "
+        "service (classification, tagging, features, delf); jobs (needs Redis) only when named.",
     )
     backend: Backend = Field(
         "onnxruntime",
@@ -106,6 +158,42 @@ class ServeSettings(BaseSettings):
         0, ge=0, le=1024,
         description="Send tensors to a Triton on the same host through system shared memory: MiB per region "
         "(16 regions); 0 = inside the gRPC message.",
+    )
+    triton_repository: Path | None = Field(
+        None,
+        description="The model repository the Triton at --triton-url serves (a shared volume): registry models on "
+        "the triton backend are published into it (<repo>/<name>/<version>/) and loaded through Triton's "
+        "repository API.",
+    )
+    triton_admin_url: str = Field(
+        "127.0.0.1:8000", description="Triton HTTP address for its repository API (load/unload), host:port."
+    )
+    triton_flavour: Literal["cpu-python", "gpu-onnxruntime"] = Field(
+        "cpu-python",
+        description="Config flavour of a registry model new to --triton-repository: gpu-onnxruntime (Triton's "
+        "onnxruntime backend on GPUs) or cpu-python (the python backend running the same ONNX on CPUs).",
+    )
+    registry_uri: str | None = Field(
+        None,
+        description="Model registry store (MLflow): sqlite:///PATH.db or postgresql://USER@HOST:PORT/DB; default: a "
+        "SQLite file under the user's data directory ($XDG_DATA_HOME/vision-serving/registry).",
+    )
+    registry_artifact_root: str | None = Field(
+        None,
+        description="Where the registry stores new versions' files (a path or any MLflow artifact URI); default: "
+        "artifacts/ beside the SQLite file.",
+    )
+    registry_poll_s: float = Field(
+        10.0, gt=0, le=3600, description="How often a models:/NAME@ALIAS model checks whether its alias moved."
+    )
+    registry_cache: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "vision-serving" / "registry",
+        description="Where downloaded registry versions are kept (checked against their sha256 on every use).",
+    )
+    registry_drain_timeout_s: float = Field(
+        60.0, ge=0,
+        description="After an alias moved, how long requests still holding the old version may take before it "
+        "is closed anyway.",
     )
     onnx_cache: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "vision-serving" / "onnx",
@@ -144,7 +232,69 @@ class ServeSettings(BaseSettings):
     )
     decode_workers: int = Field(_CPUS, ge=1, description="Threads decoding and preprocessing images.")
     grace_seconds: float = Field(10.0, ge=0, description="On SIGTERM, how long in-flight RPCs may finish.")
+    # --- The Ray Serve runner (`--runner ray`; docs/ray.md). Ignored by the grpc runner. ---
+    runner: Literal["grpc", "ray"] = Field(
+        "grpc",
+        description="grpc: this process hosts the services (grpc.aio); ray: deploy the same services as a Ray Serve "
+        "application behind Ray Serve's gRPC proxy, same protos and --host/--port for clients (docs/ray.md).",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray: deploy to this running cluster (e.g. 'auto' or ray://HEAD:10001) instead of starting a "
+        "local Ray instance; its network is the cluster's.",
+    )
+    ray_network: Literal["netns", "host"] = Field(
+        "netns",
+        description="Ray (local instance): netns starts Ray in a private network namespace whose only interface is "
+        "loopback (needs root) and forwards --host:--port to Serve's gRPC proxy inside it, so no Ray port is "
+        "reachable from the network; host runs Ray beside this process with node IP and Serve's HTTP host set to "
+        "--host, but Ray 2.60's gRPC proxy and core processes still listen on all interfaces: firewall them.",
+    )
+    ray_num_cpus: int | None = Field(None, ge=1, description="Ray (local instance): CPUs it schedules; default: usable CPUs.")
+    ray_object_store_mb: int = Field(512, ge=64, description="Ray (local instance): object store size in MiB.")
+    ray_topology: Literal["fused", "split"] = Field(
+        "fused",
+        description="Ray: fused runs decode, the engine (@serve.batch) and postprocessing in each ingress replica; "
+        "split sends decoded tensors through deployment handles to one inference deployment per model "
+        "(@serve.batch there), so decoding and inference scale separately (docs/ray.md has the cost).",
+    )
+    ray_min_replicas: int = Field(1, ge=0, description="Ray: autoscaling floor of the ingress deployment.")
+    ray_max_replicas: int = Field(1, ge=1, description="Ray: autoscaling ceiling of the ingress deployment.")
+    ray_inference_min_replicas: int = Field(1, ge=0, description="Ray, split topology: floor per inference deployment.")
+    ray_inference_max_replicas: int = Field(1, ge=1, description="Ray, split topology: ceiling per inference deployment.")
+    ray_target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Ray: autoscaling target of ongoing requests per replica."
+    )
+    ray_max_ongoing_requests: int = Field(
+        32, ge=1,
+        description="Ray: requests one replica takes at once; @serve.batch can only batch what a replica holds "
+        "(~32 batched well here).",
+    )
+    ray_num_cpus_per_replica: float = Field(1.0, ge=0, description="Ray: num_cpus of each ingress replica.")
+    ray_inference_num_cpus: float = Field(1.0, ge=0, description="Ray, split topology: num_cpus of each inference replica.")
+    ray_num_gpus: float = Field(
+        0.0, ge=0, description="Ray: num_gpus of each replica that runs an engine (fused: ingress; split: inference)."
+    )
+    ray_http_port: int = Field(
+        8000, ge=0, le=65535, description="Ray: Serve's HTTP proxy port (GET /metrics, /healthz); inside the namespace with netns."
+    )
+    ray_config_out: Path | None = Field(
+        None, description="Ray: also write the Serve config YAML (for `serve run` / `serve deploy` / KubeRay) here."
+    )
+    ray_config_only: bool = Field(False, description="Ray: write --ray-config-out and exit without starting anything.")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Jobs: Redis, the Celery broker and result backend (docs/jobs.md)."
+    )
+    jobs_namespace: str = Field(
+        "vision", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$",
+        description="Jobs: prefix of the queues and Redis keys; the workers must use the same.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def jobs_config(self):  # noqa: ANN201 - vision.jobs.config.JobsConfig
+        from vision.jobs.config import JobsConfig
+
+        return JobsConfig(redis_url=self.redis_url, namespace=self.jobs_namespace)
 
     @field_validator("services", mode="before")
     @classmethod
@@ -172,6 +322,16 @@ class ServeSettings(BaseSettings):
             if key in seen:
                 raise ValueError(f"model {key[0]!r} version {key[1]!r} is configured twice")
             seen.add(key)
+        return self
+
+    @model_validator(mode="after")
+    def _ray_replica_bounds(self) -> "ServeSettings":
+        if self.ray_min_replicas > self.ray_max_replicas:
+            raise ValueError("ray_min_replicas must be at most ray_max_replicas")
+        if self.ray_inference_min_replicas > self.ray_inference_max_replicas:
+            raise ValueError("ray_inference_min_replicas must be at most ray_inference_max_replicas")
+        if self.ray_config_only and self.ray_config_out is None:
+            raise ValueError("ray_config_only needs ray_config_out (where to write the Serve config)")
         return self
 
     @model_validator(mode="after")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 LOGITS = "logits"
 # The pooled penultimate features (what the classifier head reads).
 EMBEDDING = "embedding"
+# DELF's attention scores: a one-channel map beside the feature map it weighs (vision.models.delf).
+ATTENTION = "attention"
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,16 @@ class FeatureLayer:
     # Input pixels per feature-map cell. Every registry architecture pads so that a side of n pixels gives
     # ceil(n / stride) cells, which `Signature.output_shape` relies on (checked at start-up).
     stride: int
+    # Receptive field of one cell, the same along both axes: cell i sees input pixels [stride·i − padding,
+    # stride·i − padding + receptive_field − 1] (tensorflow/models research/delf's receptive boxes). Derived
+    # from the graph by vision.models.receptive, which a test holds these declarations to; 0 = unknown.
+    receptive_field: int = 0
+    padding: int = 0
+
+    def centre(self, index: float) -> float:
+        """Input-pixel coordinate of the centre of cell `index`'s receptive box (a DELF keypoint's location;
+        `index` may be a numpy array)."""
+        return self.stride * index - self.padding + (self.receptive_field - 1) / 2
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vision.models.signature import EMBEDDING, LOGITS, Signature
+from vision.models.signature import ATTENTION, EMBEDDING, LOGITS, Signature
 
 
 class _Taps(nn.Module):
@@ -56,6 +56,20 @@ class EfficientNetOutputs(_Taps):
         found["conv_head"] = head = net.bn2(net.conv_head(x))
         found[EMBEDDING] = net.forward_head(head, pre_logits=True)
         return found
+
+    def head(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.net.classifier(embedding)
+
+
+class DelfOutputs(_Taps):
+    """DELF (vision.models.delf): the layer3 map, its attention scores, their attention-pooled embedding,
+    and the classifier on that embedding."""
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        from vision.models.delf import attention_pool
+
+        layer3, scores = self.net.local_features(x)
+        return {"layer3": layer3, ATTENTION: scores, EMBEDDING: attention_pool(layer3, scores)}
 
     def head(self, embedding: torch.Tensor) -> torch.Tensor:
         return self.net.classifier(embedding)

@@ -7,13 +7,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vision.imaging import PRESETS, Preset
 from vision.models.registry import ArchitectureDefaults, register_model
-from vision.models.signature import FeatureLayer, Signature
+from vision.models.signature import ATTENTION, FeatureLayer, Signature
 
 if TYPE_CHECKING:
     from torch import nn
 
-RESNET_LAYERS = (FeatureLayer("layer3", 1024, 16), FeatureLayer("layer4", 2048, 32))
+# Receptive fields (size, padding) as vision.models.receptive derives them; tests/test_delf_models.py holds
+# every declaration here to the derivation.
+RESNET_LAYERS = (
+    FeatureLayer("layer3", 1024, 16, receptive_field=267, padding=133),
+    FeatureLayer("layer4", 2048, 32, receptive_field=427, padding=213),
+)
+# ResNet-101's layer3 has 23 blocks instead of 6: far wider receptive fields.
+RESNET101_LAYERS = (
+    FeatureLayer("layer3", 1024, 16, receptive_field=811, padding=405),
+    FeatureLayer("layer4", 2048, 32, receptive_field=971, padding=485),
+)
 
 
 def _resnet_taps(net: "nn.Module", signature: Signature) -> "nn.Module":
@@ -38,7 +49,7 @@ def resnet50(*, num_classes: int) -> "nn.Module":
     return _torchvision("resnet50", num_classes)
 
 
-@register_model("resnet101", ArchitectureDefaults(layers=RESNET_LAYERS), taps=_resnet_taps)
+@register_model("resnet101", ArchitectureDefaults(layers=RESNET101_LAYERS), taps=_resnet_taps)
 def resnet101(*, num_classes: int) -> "nn.Module":
     return _torchvision("resnet101", num_classes)
 
@@ -93,7 +104,11 @@ def _efficientnet_lite0_bundled() -> Path:
         embedding_dim=1280,
         # timm's feature_info: the last block of the stride-16 and stride-32 stages, then the 1x1 head conv
         # that the classifier pools (1280 channels, the default layer of pooled descriptors).
-        layers=(FeatureLayer("blocks.4", 112, 16), FeatureLayer("blocks.6", 320, 32), FeatureLayer("conv_head", 1280, 32)),
+        layers=(
+            FeatureLayer("blocks.4", 112, 16, receptive_field=339, padding=169),
+            FeatureLayer("blocks.6", 320, 32, receptive_field=851, padding=425),
+            FeatureLayer("conv_head", 1280, 32, receptive_field=851, padding=425),
+        ),
         # As published with the weights (TensorFlow reference, ImageNet-1k validation, 224 crop).
         metrics=(("imagenet_top1", 75.1),),
     ),
@@ -105,3 +120,51 @@ def efficientnet_lite0(*, num_classes: int) -> "nn.Module":
     # The bundled ImageNet weights use the lukemelas-style key names; timm's module has the same tensors in
     # the same order under other names, hence key_mapping="by_order".
     return timm.create_model("efficientnet_lite0", pretrained=False, num_classes=num_classes)
+
+
+# DELF's input normalisation, (x - 128) / 128 per RGB channel (tensorflow/models research/delf
+# `NormalizePixelValues`: pixel_value_offset 128, pixel_value_scale 128). Registered beside the one
+# architecture that uses it; crop views are never cut for DELF, the crop geometry only keeps Preset valid.
+PRESETS.setdefault(
+    "delf", Preset(name="delf", resize_shorter=256, crop_size=224, mean=(128 / 255,) * 3, std=(128 / 255,) * 3)
+)
+# Small images (generated sets, thumbnails of 64-128 px; vision.jobs fine-tunes): torchvision's normalisation
+# at 128 px, so a model fine-tuned on them sees them near their own size rather than upscaled to 224 (about
+# 3x less compute per image for training and serving alike).
+PRESETS.setdefault(
+    "torchvision_128",
+    Preset(name="torchvision_128", resize_shorter=128, crop_size=128, mean=PRESETS["torchvision"].mean,
+           std=PRESETS["torchvision"].std),
+)
+
+
+def _delf_taps(net: "nn.Module", signature: Signature) -> "nn.Module":
+    from vision.models.taps import DelfOutputs
+
+    return DelfOutputs(net, signature)
+
+
+@register_model(
+    "delf_resnet50",
+    ArchitectureDefaults(
+        # A pure DELF extractor unless served with the class names of a trained classifier (labels=FILE).
+        num_classes=0,
+        labels=None,
+        preset="delf",
+        # The attention-pooled layer3 features that the training classifier reads.
+        embedding_dim=1024,
+        # The attention map first: the last declared layer is the Features service's default map.
+        layers=(
+            FeatureLayer(ATTENTION, 1, 16, receptive_field=267, padding=133),
+            FeatureLayer("layer3", 1024, 16, receptive_field=267, padding=133),
+        ),
+    ),
+    taps=_delf_taps,
+)
+def delf_resnet50(*, num_classes: int) -> "nn.Module":
+    """DELF (vision.models.delf): torchvision ResNet-50 up to layer3 + attention head (+ a classifier on the
+    attention-pooled features when num_classes > 0). No weights are bundled: serve a checkpoint of
+    training/delf.py (or weights=random for load tests)."""
+    from vision.models.delf import Delf
+
+    return Delf(num_classes=num_classes)

@@ -33,6 +33,13 @@ def model_info(card: ModelCard, *, full: bool = False) -> common_pb2.ModelInfo:
             common_pb2.InputGeometry(crop_size=geometry.crop_size, variable=geometry.variable, max_side=geometry.max_side)
         )
         info.metrics.update(dict(card.metrics))
+        if card.registry is not None:
+            r = card.registry
+            info.registry.CopyFrom(common_pb2.RegistryStatus(
+                uri=r.uri, alias=r.alias, alias_version=r.alias_version, serving_version=r.serving_version,
+                refused_version=r.refused_version, refused_check=r.refused_check, refused_reason=r.refused_reason,
+                checked_at=r.checked_at, error=r.error, run_id=r.run_id,
+            ))
         info.preprocessing.CopyFrom(
             common_pb2.Preprocessing(
                 preset=preset.name,

@@ -39,7 +39,7 @@ class Preprocessing(_message.Message):
     def __init__(self, preset: _Optional[str] = ..., resize_shorter: _Optional[int] = ..., crop_size: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., channel_order: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "architecture", "num_labels", "preprocessing", "backend", "weights_sha256", "task", "num_tag_labels", "random_weights", "outputs", "input_geometry", "metrics")
+    __slots__ = ("name", "version", "architecture", "num_labels", "preprocessing", "backend", "weights_sha256", "task", "num_tag_labels", "random_weights", "outputs", "input_geometry", "metrics", "registry")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class ModelInfo(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     INPUT_GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     architecture: str
@@ -73,7 +74,32 @@ class ModelInfo(_message.Message):
     outputs: _containers.RepeatedCompositeFieldContainer[OutputInfo]
     input_geometry: InputGeometry
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., num_labels: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., backend: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., task: _Optional[str] = ..., num_tag_labels: _Optional[int] = ..., random_weights: _Optional[bool] = ..., outputs: _Optional[_Iterable[_Union[OutputInfo, _Mapping]]] = ..., input_geometry: _Optional[_Union[InputGeometry, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    registry: RegistryStatus
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., num_labels: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., backend: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., task: _Optional[str] = ..., num_tag_labels: _Optional[int] = ..., random_weights: _Optional[bool] = ..., outputs: _Optional[_Iterable[_Union[OutputInfo, _Mapping]]] = ..., input_geometry: _Optional[_Union[InputGeometry, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., registry: _Optional[_Union[RegistryStatus, _Mapping]] = ...) -> None: ...
+
+class RegistryStatus(_message.Message):
+    __slots__ = ("uri", "alias", "alias_version", "serving_version", "refused_version", "refused_check", "refused_reason", "checked_at", "error", "run_id")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_CHECK_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_REASON_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_AT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    alias: str
+    alias_version: str
+    serving_version: str
+    refused_version: str
+    refused_check: str
+    refused_reason: str
+    checked_at: float
+    error: str
+    run_id: str
+    def __init__(self, uri: _Optional[str] = ..., alias: _Optional[str] = ..., alias_version: _Optional[str] = ..., serving_version: _Optional[str] = ..., refused_version: _Optional[str] = ..., refused_check: _Optional[str] = ..., refused_reason: _Optional[str] = ..., checked_at: _Optional[float] = ..., error: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class OutputInfo(_message.Message):
     __slots__ = ("name", "channels", "stride")

@@ -1,0 +1,159 @@
+"""Retrieval with DELF re-ranking: the Features evaluator's ranking, its top K re-ranked by DELF inliers.
+
+    python -m loadtest.delf_rerank --bench ./rbench --recipe center --recipe gem --scales 1,0.7071,0.5
+    python -m loadtest.delf_rerank --bench ./rbench --target 127.0.0.1:50051 --top 100
+
+The benchmark is the Features one (`python -m loadtest.retrieval_bench`; written to --bench if missing).
+Through one server (started on free loopback ports, or --target): the Features service ranks the database
+for each (bounding-box cropped) query with each --recipe, exactly as `vision eval-retrieval` does; the Delf
+service extracts every database image and query once; then each query's top --top candidates are re-ranked
+by the number of RANSAC inliers between the query and the candidate (ties keep the global order), as DELF's
+paper does for landmark retrieval. Prints mAP and mP@k before and after (Oxford protocol, the evaluator's
+`average_precision`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from loadtest.harness import SpawnedServer
+from vision.features_client import RecipeOptions, extract as features_extract, image_files
+from vision.servicers.delf import features_from_message
+from vision.tasks.delf import DelfFeatures
+from vision.tasks.delf_match import match
+from vision.tasks.retrieval_metrics import TOP_K, average_precision, load_ground_truth, precision_at, rank
+from vision.v1 import common_pb2, delf_pb2, delf_pb2_grpc
+
+
+def query_bytes(path: Path, bbox: tuple[float, float, float, float] | None) -> bytes:
+    """The query image, cropped to its ground-truth box as the protocol asks (lossless)."""
+    import io
+
+    from PIL import Image
+
+    if bbox is None:
+        return path.read_bytes()
+    with Image.open(path) as img:
+        crop = img.convert("RGB").crop(tuple(int(round(v)) for v in bbox))  # type: ignore[arg-type]
+    buf = io.BytesIO()
+    crop.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def delf_features(target: str, contents: list[bytes], model: str, batch: int = 4, timeout: float = 600.0) -> list[DelfFeatures]:
+    out: list[DelfFeatures] = []
+    options = [("grpc.max_receive_message_length", 1 << 28), ("grpc.max_send_message_length", 1 << 28)]
+    with grpc.insecure_channel(target, options=options) as channel:
+        stub = delf_pb2_grpc.DelfStub(channel)
+        for start in range(0, len(contents), batch):
+            response = stub.Extract(
+                delf_pb2.DelfExtractRequest(
+                    model=common_pb2.ModelSelector(name=model),
+                    images=[common_pb2.Image(content=c) for c in contents[start : start + batch]],
+                ),
+                timeout=timeout,
+            )
+            out.extend(features_from_message(r.features, "response") for r in response.results)
+    return out
+
+
+def scores(gt, ranked_names: list[list[str]]) -> dict[str, dict[str, float]]:  # noqa: ANN001
+    out: dict[str, dict[str, float]] = {}
+    for setting in gt.settings:
+        aps, precisions = [], {k: [] for k in TOP_K}
+        for query, ranked in zip(gt.queries, ranked_names, strict=True):
+            positives, junk = query.settings[setting]
+            if not positives:
+                continue
+            aps.append(average_precision(ranked, positives, junk))
+            for k in TOP_K:
+                precisions[k].append(precision_at(ranked, positives, junk, k))
+        out[setting] = {"mAP": 100 * float(np.mean(aps))}
+        out[setting].update({f"mP@{k}": 100 * float(np.mean(v)) for k, v in precisions.items()})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.delf_rerank", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", type=Path, required=True, help="the generated benchmark's folder (written if missing)")
+    parser.add_argument("--target", help="running server hosting Features and Delf (default: start one)")
+    parser.add_argument("--recipe", action="append", help="Features recipe(s) to re-rank (default: center)")
+    parser.add_argument("--scales", default="", help="Features scales for pooled recipes, comma-separated")
+    parser.add_argument("--delf-model", default="", help="Delf model (default: the server's default)")
+    parser.add_argument("--top", type=int, default=100, help="re-rank this many candidates per query (default 100)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if not (args.bench / "gt").is_dir():
+        from loadtest.retrieval_bench import generate
+
+        generate(args.bench)
+    gt = load_ground_truth(args.bench / "gt")
+    files = image_files(args.bench / "jpg")
+    query_files = [args.bench / "queries" / f"{q.name}.jpg" for q in gt.queries]
+    names = np.asarray([p.stem for p in files], dtype=object)
+    server = None
+    if args.target:
+        target = args.target
+    else:
+        server = SpawnedServer(["--services", "features,delf"])
+        target = server.target
+    results: dict[str, object] = {}
+    try:
+        started = time.perf_counter()
+        database_delf = delf_features(target, [p.read_bytes() for p in files], args.delf_model)
+        query_delf = delf_features(target, [query_bytes(p, q.bbox) for p, q in zip(query_files, gt.queries, strict=True)], args.delf_model)
+        extract_s = time.perf_counter() - started
+        keypoints = [len(f) for f in database_delf]
+        scales = tuple(float(s) for s in args.scales.split(",") if s)
+        for recipe in args.recipe or ["center"]:
+            options = RecipeOptions(recipe=recipe, scales=scales if recipe not in ("center", "ten_crop") else ())
+            database, _ = features_extract(target, files, options)
+            queries, _ = features_extract(target, query_files, options, boxes=[q.bbox for q in gt.queries])
+            order = rank(database, queries)
+            before = [names[row].tolist() for row in order]
+            after = []
+            started = time.perf_counter()
+            for q, row in enumerate(order):
+                head = row[: args.top]
+                inliers = [match(query_delf[q], database_delf[i]).inliers for i in head]
+                reranked = [head[j] for j in sorted(range(len(head)), key=lambda j: -inliers[j])]
+                after.append(names[np.concatenate([reranked, row[args.top :]]).astype(int)].tolist())
+            match_s = time.perf_counter() - started
+            results[recipe] = {
+                "before": scores(gt, before), "after": scores(gt, after),
+                "matches": len(order) * min(args.top, len(files)), "match_seconds": round(match_s, 1),
+            }
+        results["delf"] = {"database_images": len(files), "queries": len(gt.queries), "extract_seconds": round(extract_s, 1),
+                           "database_keypoints_median": float(np.median(keypoints)),
+                           "database_images_without_keypoints": int(sum(k == 0 for k in keypoints))}
+    except grpc.RpcError as exc:
+        print(f"loadtest.delf_rerank: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    finally:
+        if server is not None:
+            server.close()
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"{len(files)} database images, {len(gt.queries)} queries; DELF top {args.top} re-ranked by inliers")
+    for recipe, r in results.items():
+        if recipe == "delf":
+            continue
+        for setting in r["before"]:  # type: ignore[index]
+            b, a = r["before"][setting], r["after"][setting]  # type: ignore[index]
+            print(f"  {recipe:10} {setting}: mAP {b['mAP']:.1f} -> {a['mAP']:.1f} ({a['mAP'] - b['mAP']:+.1f}); "
+                  + "; ".join(f"mP@{k} {b[f'mP@{k}']:.1f} -> {a[f'mP@{k}']:.1f}" for k in TOP_K))
+    print(f"  DELF: {results['delf']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

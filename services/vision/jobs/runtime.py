@@ -1,0 +1,177 @@
+"""What a running job uses on a worker: a lease (one runner per job), progress, cancel checks.
+
+- **Lease.** `<ns>:job:<id>:lease` holds `host:pid:token` with a 30 s TTL that a thread renews every 10 s.
+  A second delivery of a job whose runner is alive (the visibility timeout passed while it ran) waits for
+  the lease instead of running the job twice; a runner whose process died on this host is detected at
+  once (its pid is gone), one on another host when its lease expires.
+- **Progress** goes into Celery's task meta (state `PROGRESS`), at most every 0.5 s unless forced.
+- **Cancel** is cooperative: `check_cancel()` reads the job's cancel flag, and job code calls it between
+  batches (every URL of a download, every batch of a fine-tune), so a job stops within one batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from vision import metrics
+
+if TYPE_CHECKING:
+    import redis
+    from celery import Task
+
+    from vision.jobs.store import JobStore
+
+log = logging.getLogger(__name__)
+
+LEASE_TTL_S = 30.0
+PROGRESS_INTERVAL_S = 0.5
+
+
+class JobCancelled(Exception):
+    """Raised by `check_cancel` when the job was asked to stop."""
+
+
+class JobFailed(Exception):
+    """A permanent failure: bad input, a file that does not exist. Not retried; the message is the caller's."""
+
+
+class TransientError(Exception):
+    """Worth retrying after a backoff: the registry, Redis or a network share is briefly unavailable."""
+
+
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    def __init__(self, client: "redis.Redis", key: str, ttl_s: float = LEASE_TTL_S) -> None:
+        self.client = client
+        self.key = key
+        self.ttl_ms = int(ttl_s * 1000)
+        self.host = socket.gethostname()
+        self.token = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> bool:
+        if self.client.set(self.key, self.token, nx=True, px=self.ttl_ms):
+            self._start()
+            return True
+        holder = self.client.get(self.key) or ""
+        host, _, rest = holder.partition(":")
+        pid = rest.partition(":")[0]
+        if host == self.host and pid.isdigit() and not _alive(int(pid)):
+            log.warning("job lease %s: its holder (pid %s on this host) is gone; taking over", self.key, pid)
+            self.client.eval(_RELEASE, 1, self.key, holder)
+            return self.acquire()
+        return False
+
+    def _start(self) -> None:
+        def renew() -> None:
+            while not self._stop.wait(self.ttl_ms / 3000):
+                try:
+                    if not self.client.eval(_RENEW, 1, self.key, self.token, self.ttl_ms):
+                        log.error("job lease %s was lost (taken over after a stall?)", self.key)
+                        self.lost.set()
+                        return
+                except Exception as exc:  # Redis briefly away: keep trying until the TTL would pass
+                    log.warning("renewing job lease %s failed: %s", self.key, exc)
+
+        self._thread = threading.Thread(target=renew, name="job-lease", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            self.client.eval(_RELEASE, 1, self.key, self.token)
+        except Exception:  # expires by itself
+            pass
+
+
+class JobRun:
+    """The running job as job code sees it: its parameters, where to keep files, progress and cancel."""
+
+    def __init__(
+        self,
+        store: "JobStore",
+        task: "Task",
+        job_id: str,
+        kind: str,
+        params: dict[str, Any],
+        *,
+        attempt: int,
+        worker: str,
+        settings: Any,
+    ) -> None:
+        self.store = store
+        self.task = task
+        self.job_id = job_id
+        self.kind = kind
+        self.params = params
+        self.attempt = attempt
+        self.worker = worker
+        self.settings = settings
+        self.lease: Lease | None = None
+        self.snapshot: dict[str, Any] = {
+            "done": 0,
+            "total": 0,
+            "unit": "",
+            "epoch": 0,
+            "epochs": 0,
+            "metrics": {},
+            "message": "",
+            "result": {},
+        }
+        self._last_write = 0.0
+        self._gauge = metrics.JOB_PROGRESS.labels(kind=kind)
+
+    def progress(self, *, force: bool = False, **fields: Any) -> None:
+        """Update any of done, total, unit, epoch, epochs, metrics (merged), message, result (merged)."""
+        for key, value in fields.items():
+            if value is None:
+                continue
+            if key in ("metrics", "result"):
+                self.snapshot[key] = {**self.snapshot[key], **value}
+            else:
+                self.snapshot[key] = value
+        total = self.snapshot["total"]
+        if total:
+            self._gauge.set(min(1.0, self.snapshot["done"] / total))
+        now = time.monotonic()
+        if force or now - self._last_write >= PROGRESS_INTERVAL_S:
+            self._last_write = now
+            self.task.update_state(task_id=self.job_id, state="PROGRESS", meta=self.snapshot)
+            self.store.redis.hset(self.store.key(self.job_id), "progress", json.dumps(self.snapshot))
+
+    def check_cancel(self) -> None:
+        if self.store.redis.hget(self.store.key(self.job_id), "cancel") == "1":
+            raise JobCancelled("cancelled by request")
+        if self.lease is not None and self.lease.lost.is_set():
+            raise TransientError("the job's lease was lost (another runner took the job over)")
+
+    @property
+    def work_dir(self) -> Any:
+        """A folder of this job's own (checkpoints, MLflow files), kept across redeliveries."""
+        from pathlib import Path
+
+        path = Path(self.settings.jobs_work_dir) / self.job_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
