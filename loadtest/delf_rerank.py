@@ -7,9 +7,11 @@ The benchmark is the Features one (`python -m loadtest.retrieval_bench`; written
 Through one server (started on free loopback ports, or --target): the Features service ranks the database
 for each (bounding-box cropped) query with each --recipe, exactly as `vision eval-retrieval` does; the Delf
 service extracts every database image and query once; then each query's top --top candidates are re-ranked
-by the number of RANSAC inliers between the query and the candidate (ties keep the global order), as DELF's
-paper does for landmark retrieval. Prints mAP and mP@k before and after (Oxford protocol, the evaluator's
-`average_precision`).
+by the number of RANSAC inliers between the query and the candidate (ties keep the global order), as the
+reference's `detect_to_retrieve/image_reranking.py` (`RerankByGeometricVerification`) does; its matching
+there uses a descriptor distance of 0.9 and a 10-px RANSAC threshold (the defaults here; the Match RPC's
+are `match_images.py`'s 0.8 and 20 px). Prints mAP and mP@k before and after (Oxford protocol, the
+evaluator's `average_precision`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from loadtest.harness import SpawnedServer
 from vision.features_client import RecipeOptions, extract as features_extract, image_files
 from vision.servicers.delf import features_from_message
 from vision.tasks.delf import DelfFeatures
-from vision.tasks.delf_match import match
+from vision.tasks.delf_match import MatchOptions, match
 from vision.tasks.retrieval_metrics import TOP_K, average_precision, load_ground_truth, precision_at, rank
 from vision.v1 import common_pb2, delf_pb2, delf_pb2_grpc
 
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", default="", help="Features scales for pooled recipes, comma-separated")
     parser.add_argument("--delf-model", default="", help="Delf model (default: the server's default)")
     parser.add_argument("--top", type=int, default=100, help="re-rank this many candidates per query (default 100)")
+    parser.add_argument("--max-descriptor-distance", type=float, default=0.9, help="putative match bound (default 0.9)")
+    parser.add_argument("--residual-threshold", type=float, default=10.0, help="RANSAC inlier threshold in px (default 10)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if not (args.bench / "gt").is_dir():
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         extract_s = time.perf_counter() - started
         keypoints = [len(f) for f in database_delf]
         scales = tuple(float(s) for s in args.scales.split(",") if s)
+        matching = MatchOptions(max_descriptor_distance=args.max_descriptor_distance, residual_threshold=args.residual_threshold)
         for recipe in args.recipe or ["center"]:
             options = RecipeOptions(recipe=recipe, scales=scales if recipe not in ("center", "ten_crop") else ())
             database, _ = features_extract(target, files, options)
@@ -123,12 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             for q, row in enumerate(order):
                 head = row[: args.top]
-                inliers = [match(query_delf[q], database_delf[i]).inliers for i in head]
+                inliers = [match(query_delf[q], database_delf[i], matching).inliers for i in head]
                 reranked = [head[j] for j in sorted(range(len(head)), key=lambda j: -inliers[j])]
                 after.append(names[np.concatenate([reranked, row[args.top :]]).astype(int)].tolist())
             match_s = time.perf_counter() - started
             results[recipe] = {
                 "before": scores(gt, before), "after": scores(gt, after),
+                "matching": {"max_descriptor_distance": args.max_descriptor_distance, "residual_threshold": args.residual_threshold},
                 "matches": len(order) * min(args.top, len(files)), "match_seconds": round(match_s, 1),
             }
         results["delf"] = {"database_images": len(files), "queries": len(gt.queries), "extract_seconds": round(extract_s, 1),

@@ -378,6 +378,8 @@ def test_cli_extracts_saves_and_matches_with_a_figure(server, pair, tmp_path):
     assert done.returncode == 2 and "cannot read" in done.stderr
     done = vision("delf-extract", str(tmp_path / "left.jpg"), "--max-keypoints", "0", *target)
     assert done.returncode == 1 and "INVALID_ARGUMENT" in done.stderr and "max_keypoints" in done.stderr
+    listed = vision("models", "--target", server.address)
+    assert listed.returncode == 0 and "delf(blocks.4,l2_norm)" in listed.stdout, listed.stdout + listed.stderr
     usage = vision("delf-match", "--help").stdout
     assert "RANSAC" in usage and "--out" in usage and "(default 120)" in usage
 
@@ -422,12 +424,15 @@ def delf_b(attention_server) -> delf_pb2_grpc.DelfStub:
     ch.close()
 
 
-def test_attention_model_extracts_with_its_attention_scores(delf_b, pair):
+def test_attention_model_extracts_with_its_attention_scores(delf_b, attention_server, pair):
     listed = {m.model.name: m for m in delf_b.ListModels(common_pb2.ListModelsRequest(), timeout=10).models}
     d = listed["delf"]
     assert (d.layer, d.receptive_field, d.stride, d.padding, d.scoring) == ("layer3", 267, 16, 133, "attention")
     assert d.model.preprocessing.preset == "delf" and d.model.random_weights and d.descriptor_dim == 1024
     assert [o.name for o in d.model.outputs] == ["embedding", "attention", "layer3"]
+    listed = vision("models", "--target", attention_server.address)
+    assert listed.returncode == 0 and "delf:3  arch=delf_resnet50 task=features" in listed.stdout, listed.stdout + listed.stderr
+    assert "services=delf(layer3,attention)" in listed.stdout
     response = extract(delf_b, pair["left"], model="delf", max_image_side=384)
     assert (response.model.name, response.model.version) == ("delf", "3")
     f = response.results[0].features

@@ -296,6 +296,16 @@ def _models(args: argparse.Namespace) -> int:
                 return _rpc_error(exc, args.target)
             for m in response.models:
                 served.setdefault((m.name, m.version), (m, []))[1].append(service)
+        from vision.v1 import delf_pb2_grpc
+
+        try:  # Delf's ListModels wraps each ModelInfo with how the model extracts keypoints
+            delf_models = delf_pb2_grpc.DelfStub(channel).ListModels(common_pb2.ListModelsRequest(), timeout=args.timeout).models
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                return _rpc_error(exc, args.target)
+            delf_models = []
+        for d in delf_models:
+            served.setdefault((d.model.name, d.model.version), (d.model, []))[1].append(f"delf({d.layer},{d.scoring})")
     for m, services in served.values():
         p = m.preprocessing
         tags = f" tag_labels={m.num_tag_labels}" if m.num_tag_labels else ""

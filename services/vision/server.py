@@ -124,7 +124,9 @@ LIVENESS = "vision.liveness"
 
 
 def _health_state(
-    repository: ModelRepository, hosted: tuple[HostedService, ...], probes: dict[str, Callable[[], bool] | None] | None = None
+    repository: ModelRepository,
+    hosted: tuple[HostedService, ...],
+    probes: dict[str, Callable[[], bool] | None] | None = None,
 ) -> HealthState:
     """Per hosted service: SERVING when its default model is ready, so one model that is down takes only
     its own services out of load balancing. The overall entry ("") is SERVING when every hosted service is;
@@ -225,7 +227,9 @@ async def serve(
         raise OSError(f"cannot bind metrics on {_hostport(settings.host, settings.metrics_port)}: {exc.strerror}") from None
     await server.start()
     state = await _update_health(health, repository, hosted, {}, probes)
-    health_task = asyncio.get_running_loop().create_task(_track_health(health, repository, hosted, state, probes=probes))
+    health_task = asyncio.get_running_loop().create_task(
+        _track_health(health, repository, hosted, state, probes=probes)
+    )
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

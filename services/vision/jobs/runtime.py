@@ -158,11 +158,19 @@ class JobRun:
         now = time.monotonic()
         if force or now - self._last_write >= PROGRESS_INTERVAL_S:
             self._last_write = now
-            self.task.update_state(task_id=self.job_id, state="PROGRESS", meta=self.snapshot)
-            self.store.redis.hset(self.store.key(self.job_id), "progress", json.dumps(self.snapshot))
+            try:
+                self.task.update_state(task_id=self.job_id, state="PROGRESS", meta=self.snapshot)
+                self.store.redis.hset(self.store.key(self.job_id), "progress", json.dumps(self.snapshot))
+            except Exception as exc:  # Redis briefly away: the work goes on, progress catches up later
+                log.warning("job %s: progress not written (%s)", self.job_id, exc)
 
     def check_cancel(self) -> None:
-        if self.store.redis.hget(self.store.key(self.job_id), "cancel") == "1":
+        try:
+            cancel = self.store.redis.hget(self.store.key(self.job_id), "cancel")
+        except Exception as exc:  # Redis briefly away: keep working (the lease TTL bounds how long)
+            log.warning("job %s: cannot read the cancel flag (%s)", self.job_id, exc)
+            cancel = None
+        if cancel == "1":
             raise JobCancelled("cancelled by request")
         if self.lease is not None and self.lease.lost.is_set():
             raise TransientError("the job's lease was lost (another runner took the job over)")

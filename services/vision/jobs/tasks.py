@@ -62,6 +62,7 @@ def worker_settings(app: "Celery") -> Any:
 
 
 def _run(task: "Task", job_id: str, kind: str, body: Callable[["JobRun"], dict[str, Any]]) -> dict[str, Any]:
+    import redis
     from celery.exceptions import Ignore, TaskRevokedError
 
     from vision.jobs.runtime import JobCancelled, JobFailed, JobRun, Lease, TransientError
@@ -135,7 +136,7 @@ def _run(task: "Task", job_id: str, kind: str, body: Callable[["JobRun"], dict[s
     except JobFailed as exc:
         _finish(store, job_id, kind, FAILED, str(exc), run.snapshot, started=started)
         raise
-    except (TransientError, ConnectionError, TimeoutError) as exc:
+    except (TransientError, ConnectionError, TimeoutError, redis.ConnectionError, redis.TimeoutError) as exc:
         retries = task.request.retries or 0
         if retries >= MAX_RETRIES:
             _finish(
