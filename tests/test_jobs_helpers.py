@@ -58,7 +58,7 @@ def namespace(redis_url: str) -> Iterator[str]:
     ns = f"jt{os.getpid()}{uuid.uuid4().hex[:6]}"
     yield ns
     client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(match=f"{ns}:*", count=1000):
+    for key in client.scan_iter(match=f"{ns}*", count=1000):  # and the sub-namespaces (ns + "s", "n")
         client.delete(key)
 
 
