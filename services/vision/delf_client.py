@@ -212,8 +212,8 @@ settings, through a running server's vision.v1.Delf service. See docs/delf.md.
 
 MATCH_HELP = """\
 Matches A and B through a running server's vision.v1.Delf service: nearest neighbours in descriptor space
-within a distance of 0.8 (KD-tree), then RANSAC with an affine model (3 samples, 20 px residual threshold,
-1000 trials), as the reference DELF. Prints the inlier count (the match score) and the A->B transform;
+within a distance of 0.8, then RANSAC with an affine model (3 samples, 20 px residual threshold, 1000
+trials), as the reference DELF. Prints the inlier count (the match score) and the A->B transform;
 --out draws both images side by side with a line per inlier. A side may be an image or features saved by
 `vision delf-extract --save DIR`.
 """

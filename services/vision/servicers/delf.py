@@ -124,6 +124,18 @@ def _match_response(result: MatchResult, a: DelfFeatures, b: DelfFeatures) -> de
     return response
 
 
+def _check_response_size(card: ModelCard, images: int, options: ExtractOptions) -> None:
+    """Refuse, before any work, a request whose answer could exceed what the server may send."""
+    dim = delf_of(card).output_dim(options)
+    worst = images * options.max_keypoints * (4 * dim + _KEYPOINT_BYTES)
+    if worst > MAX_RESPONSE_BYTES:
+        raise ResourceExhausted(
+            f"{images} images of up to {options.max_keypoints} keypoints with {dim}-d descriptors could need "
+            f"{worst / 2**20:.0f} MiB, over the {MAX_RESPONSE_BYTES // 2**20} MiB response limit; send fewer images "
+            "per request, lower max_keypoints, or serve the model with a PCA (delf_pca)"
+        )
+
+
 # --------------------------------------------------------------------------------------
 # The servicer
 # --------------------------------------------------------------------------------------
@@ -164,19 +176,12 @@ class DelfServicer(delf_pb2_grpc.DelfServicer):
             return finish(card, features)  # type: ignore[arg-type]
 
         served = dataplane.repository.get(*model, task=TASK)
-        dim = delf_of(served.card).output_dim(options)
-        worst = (len(images) - len(tiny)) * options.max_keypoints * (4 * dim + _KEYPOINT_BYTES)
-        if worst > MAX_RESPONSE_BYTES:
-            raise ResourceExhausted(
-                f"{len(images) - len(tiny)} images of up to {options.max_keypoints} keypoints with {dim}-d descriptors "
-                f"could need {worst / 2**20:.0f} MiB, over the {MAX_RESPONSE_BYTES // 2**20} MiB response limit; send "
-                "fewer images per request, lower max_keypoints, or serve the model with a PCA (delf_pca)"
-            )
+        _check_response_size(served.card, len(rest), options)
         if not rest:  # only tiny images: no forward pass, but the same model lookup and checks
-            served = dataplane.repository.get(*model, task=TASK)
             with served.lease():
                 DELF_EXTRACTION.validate(served.card, ExtractParams(options, ()))
                 return await asyncio.to_thread(respond, served.card, None, [])
+        # A size is None only when the header is unreadable; decoding then fails with the reason.
         params = ExtractParams(options, tuple(sizes[i] or (0, 0) for i in rest))
         call = TaskCall(model[0], model[1], [images[i] for i in rest], params)
         try:

@@ -470,12 +470,6 @@ class DelfExtraction:
     def validate(self, card: "ModelCard", params: ExtractParams) -> None:
         model = delf_of(card)
         side = image_side(model, params.options)
-        if side * max(params.options.scales) < model.layer.receptive_field:
-            raise InvalidArgument(
-                f"max_image_side {side} at the largest scale {max(params.options.scales):g} is under the "
-                f"{model.layer.receptive_field}-px receptive field of this model's {model.layer.name!r}: no image "
-                "could give keypoints"
-            )
         largest = side * max(params.options.scales)
         if largest > MAX_LEVEL_FACTOR * model.max_image_side:
             raise InvalidArgument(
