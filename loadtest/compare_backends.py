@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             server.close()
     triton_modes = [b for b in backends if b.startswith("triton")]
     if triton_modes:
-        from vision.triton.runtime import TritonProcess, setup_runtime
+        from vision.triton import TritonProcess, setup_runtime
 
         with tempfile.TemporaryDirectory(prefix="bench-triton-") as tmp:
             repo = Path(tmp) / "repo"

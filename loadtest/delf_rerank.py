@@ -26,60 +26,10 @@ import grpc
 import numpy as np
 
 from loadtest.harness import SpawnedServer
-from vision.features_client import RecipeOptions, extract as features_extract, image_files
-from vision.servicers.delf import features_from_message
-from vision.tasks.delf import DelfFeatures
-from vision.tasks.delf_match import MatchOptions, match
-from vision.tasks.retrieval_metrics import TOP_K, average_precision, load_ground_truth, precision_at, rank
-from vision.v1 import common_pb2, delf_pb2, delf_pb2_grpc
-
-
-def query_bytes(path: Path, bbox: tuple[float, float, float, float] | None) -> bytes:
-    """The query image, cropped to its ground-truth box as the protocol asks (lossless)."""
-    import io
-
-    from PIL import Image
-
-    if bbox is None:
-        return path.read_bytes()
-    with Image.open(path) as img:
-        crop = img.convert("RGB").crop(tuple(int(round(v)) for v in bbox))  # type: ignore[arg-type]
-    buf = io.BytesIO()
-    crop.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def delf_features(target: str, contents: list[bytes], model: str, batch: int = 4, timeout: float = 600.0) -> list[DelfFeatures]:
-    out: list[DelfFeatures] = []
-    options = [("grpc.max_receive_message_length", 1 << 28), ("grpc.max_send_message_length", 1 << 28)]
-    with grpc.insecure_channel(target, options=options) as channel:
-        stub = delf_pb2_grpc.DelfStub(channel)
-        for start in range(0, len(contents), batch):
-            response = stub.Extract(
-                delf_pb2.DelfExtractRequest(
-                    model=common_pb2.ModelSelector(name=model),
-                    images=[common_pb2.Image(content=c) for c in contents[start : start + batch]],
-                ),
-                timeout=timeout,
-            )
-            out.extend(features_from_message(r.features, "response") for r in response.results)
-    return out
-
-
-def scores(gt, ranked_names: list[list[str]]) -> dict[str, dict[str, float]]:  # noqa: ANN001
-    out: dict[str, dict[str, float]] = {}
-    for setting in gt.settings:
-        aps, precisions = [], {k: [] for k in TOP_K}
-        for query, ranked in zip(gt.queries, ranked_names, strict=True):
-            positives, junk = query.settings[setting]
-            if not positives:
-                continue
-            aps.append(average_precision(ranked, positives, junk))
-            for k in TOP_K:
-                precisions[k].append(precision_at(ranked, positives, junk, k))
-        out[setting] = {"mAP": 100 * float(np.mean(aps))}
-        out[setting].update({f"mP@{k}": 100 * float(np.mean(v)) for k, v in precisions.items()})
-    return out
+from vision.delf_client import Options as DelfOptions, extract_features
+from vision.features_client import RecipeOptions, cropped, extract as features_extract, image_files
+from vision.tasks.delf_match import RERANK_OPTIONS, MatchOptions, rerank_rankings
+from vision.tasks.retrieval_metrics import TOP_K, evaluate_ranked, load_ground_truth, rank
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", default="", help="Features scales for pooled recipes, comma-separated")
     parser.add_argument("--delf-model", default="", help="Delf model (default: the server's default)")
     parser.add_argument("--top", type=int, default=100, help="re-rank this many candidates per query (default 100)")
-    parser.add_argument("--max-descriptor-distance", type=float, default=0.9, help="putative match bound (default 0.9)")
-    parser.add_argument("--residual-threshold", type=float, default=10.0, help="RANSAC inlier threshold in px (default 10)")
+    parser.add_argument("--max-descriptor-distance", type=float, default=RERANK_OPTIONS.max_descriptor_distance,
+                        help=f"putative match bound (default {RERANK_OPTIONS.max_descriptor_distance})")
+    parser.add_argument("--residual-threshold", type=float, default=RERANK_OPTIONS.residual_threshold,
+                        help=f"RANSAC inlier threshold in px (default {RERANK_OPTIONS.residual_threshold:g})")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if not (args.bench / "gt").is_dir():
@@ -112,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, object] = {}
     try:
         started = time.perf_counter()
-        database_delf = delf_features(target, [p.read_bytes() for p in files], args.delf_model)
-        query_delf = delf_features(target, [query_bytes(p, q.bbox) for p, q in zip(query_files, gt.queries, strict=True)], args.delf_model)
+        delf = DelfOptions(model=args.delf_model)
+        # Every database image once (the shortlists of all recipes together cover most of them).
+        database_delf, _ = extract_features(target, [p.read_bytes() for p in files], delf, timeout=600.0)
+        query_delf, _ = extract_features(
+            target, [cropped(p, q.bbox) for p, q in zip(query_files, gt.queries, strict=True)], delf, timeout=600.0
+        )
+        by_name = dict(zip(names.tolist(), database_delf, strict=True))
         extract_s = time.perf_counter() - started
         keypoints = [len(f) for f in database_delf]
         scales = tuple(float(s) for s in args.scales.split(",") if s)
@@ -124,16 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             queries, _ = features_extract(target, query_files, options, boxes=[q.bbox for q in gt.queries])
             order = rank(database, queries)
             before = [names[row].tolist() for row in order]
-            after = []
             started = time.perf_counter()
-            for q, row in enumerate(order):
-                head = row[: args.top]
-                inliers = [match(query_delf[q], database_delf[i], matching).inliers for i in head]
-                reranked = [head[j] for j in sorted(range(len(head)), key=lambda j: -inliers[j])]
-                after.append(names[np.concatenate([reranked, row[args.top :]]).astype(int)].tolist())
+            after = rerank_rankings(before, query_delf, by_name, args.top, matching)
             match_s = time.perf_counter() - started
             results[recipe] = {
-                "before": scores(gt, before), "after": scores(gt, after),
+                "before": evaluate_ranked(gt, before).scores, "after": evaluate_ranked(gt, after).scores,
                 "matching": {"max_descriptor_distance": args.max_descriptor_distance, "residual_threshold": args.residual_threshold},
                 "matches": len(order) * min(args.top, len(files)), "match_seconds": round(match_s, 1),
             }

@@ -111,6 +111,42 @@ async def service_run(target: str, image: bytes, concurrency: int, duration: flo
     return RunResult("service", concurrency, len(latencies) * images_per_request / duration, p50, p90, p99, len(latencies), dict(errors))
 
 
+async def closed_run(target: str, make_call, image: bytes, concurrency: int, duration: float, warmup: float,  # noqa: ANN001
+                     mode: str) -> RunResult:
+    """`concurrency` clients, each sending its next request when the last one answered, for any one-image RPC:
+    `make_call(channel, image)` returns `timeout -> awaitable` (the open loop's call factories, TorchServe's
+    Predictions included), so every server is driven by the same client code."""
+    options = [("grpc.max_send_message_length", 1 << 30)]
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(min(4, concurrency))]
+    calls = [make_call(ch, image) for ch in channels]
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + duration
+
+    async def client(i: int) -> None:
+        call = calls[i % len(calls)]
+        consecutive_errors = 0
+        while (now := time.perf_counter()) < stop_at:
+            try:
+                await call(60)
+            except grpc.aio.AioRpcError as exc:
+                if now >= measure_from:
+                    errors[exc.code().name] += 1
+                consecutive_errors += 1
+                await asyncio.sleep(min(ERROR_BACKOFF_MAX_S, ERROR_BACKOFF_S * 2 ** (consecutive_errors - 1)))
+                continue
+            consecutive_errors = 0
+            if now >= measure_from:
+                latencies.append(time.perf_counter() - now)
+
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    for ch in channels:
+        await ch.close()
+    p50, p90, p99 = _percentiles(latencies)
+    return RunResult(mode, concurrency, len(latencies) / duration, p50, p90, p99, len(latencies), dict(errors))
+
+
 def raw_model(target: str, model_name: str, weights: Path | None, threads: int):
     """The served model rebuilt in-process through the same loading code, engine, weights and preset."""
     from vision.backends.torch_backend import run_on_torch_thread

@@ -10,14 +10,23 @@ Modes (`--modes`, in this order by default):
   triton      `vision serve --backend triton` in front of a local tritonserver (python backend, same ONNX file)
   ray         `vision serve --runner ray` (Ray Serve gRPC proxy, @serve.batch, fused topology)
   ray-split   the same with --ray-topology split (decode and inference in separate deployments)
+  raw-torch   the same model in eager torch in this process: channels_last, inference_mode, --threads,
+              batch 1 and --max-batch-size, decode + preprocess + forward + top-5 (the peer handler's code)
+  standalone-torch  `vision serve --backend torch` (the service on the peer's engine)
+  torchserve  TorchServe 0.12 over its gRPC Predictions API, serving the same state dict with
+              loadtest/torchserve_handler.py (vision.imaging decode, channels_last, --threads torch
+              threads, batchSize = --max-batch-size, one worker); needs loadtest/torchserve_setup.sh's
+              virtualenv and Java, skipped with the reason otherwise
 
-Fairness: every mode serves the same ONNX export of the same weights with --threads engine threads and
---max-batch-size, receives the same image (server-side decode), the same RPC mix, rates, deadline and
-arrival seed. Each mode is swept from the lowest rate up (open loop, HDR percentiles, see
-loadtest.openloop); the report gives the knee and each mode's ratio to raw batched img/s. Writes
-OUT/report.json, OUT/throughput_vs_offered.png, OUT/latency_cdf.png, OUT/latency_over_time.png.
-
-TorchServe as a peer is not part of this command yet (see docs/ray.md, "Load-test harness").
+Fairness: every mode serves the same weights (--model; ONNX Runtime modes its ONNX export, torch modes
+and TorchServe the same state dict) with --threads engine threads and --max-batch-size, receives the same
+image (server-side decode), the same RPC mix, rates, deadline and arrival seed. Each mode is swept from
+the lowest rate up (open loop, HDR percentiles, see loadtest.openloop), or with --concurrency N driven by N
+closed-loop clients sending 1-image classify requests (TorchServe: Predictions). The report gives each
+mode's ratio to its own raw engine (ONNX Runtime modes to raw, torch modes to raw-torch) and to
+TorchServe. TorchServe only classifies: give it --mix classify=1 (or --concurrency) for a like-for-like
+comparison. Writes OUT/report.json, OUT/throughput_vs_offered.png, OUT/latency_cdf.png,
+OUT/latency_over_time.png (open loop).
 """
 
 from __future__ import annotations
@@ -33,17 +42,26 @@ from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
-from loadtest.harness import SpawnedServer, raw_model, raw_run, read_image
-from loadtest.openloop import OpenLoopResult, knee, parse_mix, sweep
+from loadtest.harness import RunResult, SpawnedServer, closed_run, raw_model, raw_run, read_image
+from loadtest.openloop import RPCS, OpenLoopResult, knee, parse_mix, sweep
 from vision.settings import available_cpus
 
-MODES = ("raw", "standalone", "triton", "ray", "ray-split")
+MODES = ("raw", "standalone", "triton", "ray", "ray-split", "raw-torch", "standalone-torch", "torchserve")
+DEFAULT_MODES = tuple(m for m in MODES if m != "ray-split")
+# Which engine each mode runs, and the raw in-process baseline of that engine its ratio is taken to.
+ENGINE = {"raw": "onnxruntime", "standalone": "onnxruntime", "triton": "onnxruntime (triton python backend)",
+          "ray": "onnxruntime", "ray-split": "onnxruntime", "raw-torch": "torch", "standalone-torch": "torch",
+          "torchserve": "torch"}
+RAW_OF = {mode: ("raw-torch" if ENGINE[mode] == "torch" else "raw") for mode in ENGINE}
+RAW_MODES = ("raw", "raw-torch")
 
 
-def _server_args(mode: str, threads: int, batch: int) -> list[str]:
-    common = ["--threads", str(threads), "--decode-workers", str(threads), "--max-batch-size", str(batch)]
+def _server_args(mode: str, threads: int, batch: int, model: str = "efficientnet_lite0") -> list[str]:
+    common = ["--model", model, "--threads", str(threads), "--decode-workers", str(threads), "--max-batch-size", str(batch)]
     if mode == "standalone":
         return ["--backend", "onnxruntime", *common]
+    if mode == "standalone-torch":
+        return ["--backend", "torch", *common]
     if mode in ("ray", "ray-split"):
         topology = "split" if mode == "ray-split" else "fused"
         return ["--runner", "ray", "--ray-topology", topology, "--ray-num-cpus", str(max(2, threads)), *common]
@@ -54,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.modes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", type=Path, required=True, help="image sent in every request")
-    parser.add_argument("--modes", default=",".join(MODES[:-1]), help=f"comma-separated, from {', '.join(MODES)} (default all but ray-split)")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, from {', '.join(MODES)} (default all but ray-split)")
+    parser.add_argument("--model", default="efficientnet_lite0",
+                        help="`vision serve --model` spec every mode serves (default efficientnet_lite0, its bundled weights; "
+                        "e.g. arch=resnet50,weights=random)")
+    parser.add_argument("--concurrency", type=int,
+                        help="closed loop instead of the open-loop sweep: this many clients, 1-image classify requests")
     parser.add_argument("--rates", default="20,40,60,80,100,120,140", help="offered requests/s, swept upwards")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per rate (default 10)")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds per rate (default 3)")
@@ -63,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arrivals", choices=["poisson", "constant"], default="poisson")
     parser.add_argument("--threads", type=int, default=available_cpus(), help="engine threads everywhere (default: usable CPUs)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="max batch everywhere (default 16)")
+    parser.add_argument("--torchserve-batch-delay-ms", type=int, default=0,
+                        help="TorchServe's maxBatchDelay (default 0: like the service's batcher, no waiting for a full batch)")
     parser.add_argument("--out", type=Path, default=Path("loadtest-report"), help="report folder (default ./loadtest-report)")
     args = parser.parse_args(argv)
     image = read_image(parser.prog, args.image)
@@ -73,35 +98,55 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"{parser.prog}: unknown modes {unknown}; known: {', '.join(MODES)}", file=sys.stderr)
         return 2
-    mix = parse_mix(args.mix)
+    mix = {"classify": 1.0} if args.concurrency else parse_mix(args.mix)
     rates = [float(r) for r in args.rates.split(",")]
     load = dict(duration=args.duration, warmup=args.warmup, mix=mix, deadline_s=args.deadline_ms / 1000, arrivals=args.arrivals)
     runs: dict[str, list[OpenLoopResult]] = {}
-    raw: dict[str, float] = {}
+    closed: dict[str, RunResult] = {}
+    raw: dict[str, dict[str, float]] = {}
+    raw_runs: dict[str, dict[str, RunResult]] = {}
     settings: dict[str, object] = {
-        "machine": _machine(), "threads": args.threads, "max_batch_size": args.max_batch_size, "mix": mix,
-        "rates": rates, "duration_s": args.duration, "warmup_s": args.warmup, "deadline_ms": args.deadline_ms,
-        "arrivals": args.arrivals, "image_bytes": len(image), "modes": {},
+        "machine": _machine(), "model": args.model, "threads": args.threads, "max_batch_size": args.max_batch_size,
+        "load": f"closed loop, {args.concurrency} clients, 1-image classify" if args.concurrency else "open loop",
+        "mix": mix, "rates": None if args.concurrency else rates, "duration_s": args.duration, "warmup_s": args.warmup,
+        "deadline_ms": args.deadline_ms, "arrivals": None if args.concurrency else args.arrivals, "image_bytes": len(image),
+        "modes": {}, "skipped": {},
     }
+    mode_settings: dict[str, str] = settings["modes"]  # type: ignore[assignment]
 
-    def drive(mode: str, target: str) -> None:
+    def drive(mode: str, target: str, rpcs: dict | None = None) -> None:
         print(f"== {mode} ({target})", flush=True)
-        runs[mode] = asyncio.run(sweep(target, image, rates, mode=mode, **load))
+        if args.concurrency:
+            call = (rpcs or RPCS)["classify"]
+            result = asyncio.run(closed_run(target, call, image, args.concurrency, args.duration, args.warmup, mode))
+            closed[mode] = result
+            errs = ", ".join(f"{k}={v}" for k, v in result.errors.items()) or "0"
+            print(f"{mode}: {result.images_per_second:.1f} img/s at {args.concurrency} clients, p50 {result.p50_ms:.1f} "
+                  f"p99 {result.p99_ms:.1f} ms, errors {errs}", flush=True)
+        else:
+            runs[mode] = asyncio.run(sweep(target, image, rates, mode=mode, rpcs=rpcs, **load))
+
+    def raw_baseline(mode: str, forward, preset) -> None:  # noqa: ANN001
+        raw[mode], raw_runs[mode] = {}, {}
+        for bs in sorted({1, args.max_batch_size}):
+            result = raw_run(forward, preset, image, bs, args.duration, args.warmup)
+            raw[mode][f"b{bs}"] = result.images_per_second
+            raw_runs[mode][f"b{bs}"] = result
+            print(f"{mode} b{bs}: {result.images_per_second:.1f} img/s (p50 {result.p50_ms:.1f} ms per batch)", flush=True)
 
     with ExitStack() as stack:
         if "raw" in modes or "standalone" in modes:
-            server = SpawnedServer(_server_args("standalone", args.threads, args.max_batch_size))
+            server_args = _server_args("standalone", args.threads, args.max_batch_size, args.model)
+            server = SpawnedServer(server_args)
             stack.callback(server.close)
             if "raw" in modes:
                 forward, preset, info = raw_model(server.target, "", None, args.threads)
-                for bs in sorted({1, args.max_batch_size}):
-                    result = raw_run(forward, preset, image, bs, args.duration, args.warmup)
-                    raw[f"b{bs}"] = result.images_per_second
-                    print(f"raw b{bs}: {result.images_per_second:.1f} img/s (p50 {result.p50_ms:.1f} ms)", flush=True)
-                settings["modes"]["raw"] = f"{info.backend} in-process, {args.threads} threads, decode+preprocess+forward"  # type: ignore[index]
+                raw_baseline("raw", forward, preset)
+                mode_settings["raw"] = (f"{info.backend} in-process, {args.threads} threads, batch 1 and {args.max_batch_size}, "
+                                        "vision.imaging decode + preprocess + forward, no gRPC")
                 del forward
             if "standalone" in modes:
-                settings["modes"]["standalone"] = " ".join(_server_args("standalone", args.threads, args.max_batch_size))  # type: ignore[index]
+                mode_settings["standalone"] = "vision serve " + " ".join(server_args)
                 drive("standalone", server.target)
             server.close()
             stack.pop_all()
@@ -109,35 +154,101 @@ def main(argv: list[str] | None = None) -> int:
             _triton(args, drive, settings)
         for mode in ("ray", "ray-split"):
             if mode in modes:
-                server_args = _server_args(mode, args.threads, args.max_batch_size)
-                settings["modes"][mode] = " ".join(server_args)  # type: ignore[index]
+                server_args = _server_args(mode, args.threads, args.max_batch_size, args.model)
+                mode_settings[mode] = "vision serve " + " ".join(server_args)
                 server = SpawnedServer(server_args)
                 try:
                     drive(mode, server.target)
                 finally:
                     server.close()
+        if any(m in modes for m in ("raw-torch", "standalone-torch", "torchserve")):
+            _torch_modes(args, modes, image, drive, raw_baseline, settings)
 
-    report = _report(runs, raw, settings)
+    report = _report(runs, closed, raw, settings)
+    report["raw_runs"] = {mode: {bs: asdict(r) for bs, r in by_bs.items()} for mode, by_bs in raw_runs.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
-    from loadtest.report import plot
+    if runs:
+        from loadtest.report import plot
 
-    for path in plot(runs, args.out, title=f"{args.mix}, {args.arrivals} arrivals"):
-        print(f"wrote {path}")
+        for path in plot(runs, args.out, title=f"{args.mix}, {args.arrivals} arrivals"):
+            print(f"wrote {path}")
     print(f"wrote {args.out / 'report.json'}")
     return 0
 
 
+def _torch_modes(args: argparse.Namespace, modes: list[str], image: bytes, drive, raw_baseline, settings: dict) -> None:  # noqa: ANN001
+    """raw-torch, standalone-torch and torchserve: the same state dict, exported once from --model."""
+    import torch
+
+    from loadtest import torchserve as ts
+    from loadtest.torchserve_handler import PeerModel
+
+    mode_settings = settings["modes"]
+    with tempfile.TemporaryDirectory(prefix="modes-torch-") as tmp:
+        work = Path(tmp)
+        peer = ts.export_model(args.model, work / "model")
+        settings["torch_model"] = {"arch": peer.arch, "num_classes": peer.num_classes, "preset": peer.preset,
+                                   "weights": peer.weights, "torch": torch.__version__}
+        if "raw-torch" in modes:
+            model = PeerModel(peer.arch, peer.num_classes, peer.state_dict, threads=args.threads, preset=peer.preset)
+            raw_baseline("raw-torch", lambda batch: model.postprocess(model.infer(batch)), model.preset)
+            mode_settings["raw-torch"] = (f"eager torch {torch.__version__} in-process, channels_last, inference_mode, "
+                                          f"{args.threads} threads, batch 1 and {args.max_batch_size}, vision.imaging decode + "
+                                          "preprocess + forward + softmax top-5 (loadtest/torchserve_handler.PeerModel)")
+            del model
+        if "standalone-torch" in modes:
+            server_args = _server_args("standalone-torch", args.threads, args.max_batch_size, args.model)
+            mode_settings["standalone-torch"] = "vision serve " + " ".join(server_args)
+            server = SpawnedServer(server_args)
+            try:
+                drive("standalone-torch", server.target)
+            finally:
+                server.close()
+        if "torchserve" in modes:
+            reason = ts.missing_reason()
+            if reason:
+                print(f"== torchserve: skipped: {reason}", flush=True)
+                settings["skipped"]["torchserve"] = reason
+                return
+            if not args.concurrency and set(settings["mix"]) != {"classify"}:
+                print("== torchserve: note: it only classifies; its open loop sends the mix's share of every RPC as "
+                      "Predictions (use --mix classify=1 to compare like for like)", flush=True)
+            ts.archive(peer, work / "store", threads=args.threads, batch_size=args.max_batch_size)
+            pb2, pb2_grpc = ts.grpc_stubs(out_dir=work)
+            call = ts.predictions_call(pb2, pb2_grpc)
+            with ts.TorchServe(work / "store", work, batch_size=args.max_batch_size,
+                               max_batch_delay_ms=args.torchserve_batch_delay_ms) as server:
+                server.wait_ready(image)
+                mode_settings["torchserve"] = (
+                    f"TorchServe 0.12.0 (its own venv, torch {peer_torch_version(ts)}), gRPC Predictions, 1 worker, "
+                    f"batchSize {args.max_batch_size}, maxBatchDelay {args.torchserve_batch_delay_ms} ms, "
+                    f"{args.threads} torch threads, channels_last, handler loadtest/torchserve_handler.py "
+                    "(vision.imaging decode), async_logging, all addresses on 127.0.0.1")
+                drive("torchserve", server.target, rpcs={name: call for name in RPCS})
+                stats = ts.batch_stats(work)
+                if stats:
+                    settings["torchserve_mean_batch"] = round(stats[1] / stats[0], 2)
+                    print(f"torchserve: {stats[1]} images in {stats[0]} batches (mean {stats[1] / stats[0]:.2f})", flush=True)
+
+
+def peer_torch_version(ts) -> str:  # noqa: ANN001 - the loadtest.torchserve module
+    """torch's version inside TorchServe's venv (read from its dist-info, without importing it)."""
+    found = sorted(ts.venv_path().glob("lib/python3*/site-packages/torch-*.dist-info"))
+    return found[0].name.split("-")[1].removesuffix(".dist") if found else "?"
+
+
 def _triton(args: argparse.Namespace, drive, settings: dict) -> None:  # noqa: ANN001
-    from vision.triton.runtime import TritonProcess, setup_runtime
+    from vision.triton import TritonProcess, setup_runtime
 
     with tempfile.TemporaryDirectory(prefix="modes-triton-") as tmp:
         repo = Path(tmp) / "repo"
         repo.mkdir()
-        subprocess.run([sys.executable, "-m", "vision.cli", "export-triton", "--model", "efficientnet_lite0", "--repository",
+        subprocess.run([sys.executable, "-m", "vision.cli", "export-triton", "--model", args.model, "--repository",
                         str(repo), "--max-batch-size", str(args.max_batch_size)], check=True, capture_output=True)
         with TritonProcess(repo, runtime=setup_runtime(), log_path=Path(tmp) / "triton.log") as triton:
-            server_args = ["--backend", "triton", "--triton-url", triton.grpc_address, "--decode-workers", str(args.threads)]
+            server_args = ["--backend", "triton", "--model", args.model, "--triton-url", triton.grpc_address,
+                           "--decode-workers", str(args.threads)]
             settings["modes"]["triton"] = " ".join(server_args) + f" (tritonserver python backend, max_batch_size {args.max_batch_size})"
             server = SpawnedServer(server_args)
             try:
@@ -146,27 +257,64 @@ def _triton(args: argparse.Namespace, drive, settings: dict) -> None:  # noqa: A
                 server.close()
 
 
-def _report(runs: dict[str, list[OpenLoopResult]], raw: dict[str, float], settings: dict) -> dict:
-    batched = max(raw.values()) if raw else None
-    rows = []
+def _report(runs: dict[str, list[OpenLoopResult]], closed: dict[str, RunResult], raw: dict[str, dict[str, float]],
+            settings: dict) -> dict:
+    """Print the comparison table and return the JSON report: per mode its engine, img/s (closed loop) or
+    knee (open loop), latency, ratio to its own raw engine's batched img/s and to TorchServe's."""
+    rows = summary_rows(runs, closed, raw)
     print()
-    print("| mode | knee (req/s) | p50 / p99 / p99.9 at knee (ms) | max answered (req/s) | knee / raw | client-bound runs |")
-    print("|---|---|---|---|---|---|")
-    if raw:
-        print(f"| raw (in-process, batch {max(raw, key=raw.get)[1:]}) | {batched:.1f} img/s | | | 1.00 | |")
+    print(format_table(rows, open_loop=bool(runs)))
+    return {"settings": settings, "raw_images_per_second": raw, "summary": rows,
+            "runs": {mode: [asdict(r) for r in results] for mode, results in runs.items()},
+            "closed_loop": {mode: asdict(r) for mode, r in closed.items()}}
+
+
+def summary_rows(runs: dict[str, list[OpenLoopResult]], closed: dict[str, RunResult], raw: dict[str, dict[str, float]]) -> list[dict]:
+    """One row per mode. Raw baselines count at their best batch size (what an engine can do without a
+    server); a server's throughput is its closed-loop img/s, or in the open loop the rate answered at its
+    knee. `ratio_to_raw` divides by the raw baseline of the mode's own engine, `vs_torchserve` by
+    TorchServe's throughput in the same run."""
+    rows: list[dict] = []
+    for mode in RAW_MODES:
+        if raw.get(mode):
+            best = max(raw[mode], key=raw[mode].get)
+            rows.append({"mode": mode, "engine": ENGINE[mode], "images_per_second": raw[mode][best], "batch": int(best[1:]),
+                         "p50_ms": None, "p99_ms": None, "ratio_to_raw": 1.0})
+    for mode, result in closed.items():
+        rows.append({"mode": mode, "engine": ENGINE[mode], "images_per_second": result.images_per_second,
+                     "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "errors": result.errors})
     for mode, results in runs.items():
         best = knee(results)
-        top = max((r.achieved_rps for r in results), default=0.0)
-        ratio = (best.achieved_rps / batched) if best and batched else None
-        flagged = sum(r.client_bound for r in results)
         lat = best.latency_ms if best else {}
-        cells = f"{lat['p50']:.1f} / {lat['p99']:.1f} / {lat['p99.9']:.1f}" if best else "–"
-        print(f"| {mode} | {best.offered_rps:.0f} |" if best else f"| {mode} | below {results[0].offered_rps:.0f} |", end="")
-        print(f" {cells} | {top:.1f} | {f'{ratio:.2f}' if ratio is not None else '–'} | {flagged} |")
-        rows.append({"mode": mode, "knee_rps": best.offered_rps if best else None, "knee_achieved_rps": best.achieved_rps if best else None,
-                     "max_achieved_rps": top, "ratio_to_raw": ratio, "client_bound_runs": flagged})
-    return {"settings": settings, "raw_images_per_second": raw, "summary": rows,
-            "runs": {mode: [asdict(r) for r in results] for mode, results in runs.items()}}
+        rows.append({"mode": mode, "engine": ENGINE[mode], "images_per_second": best.achieved_rps if best else None,
+                     "knee_rps": best.offered_rps if best else None, "max_achieved_rps": max((r.achieved_rps for r in results), default=0.0),
+                     "p50_ms": lat.get("p50"), "p99_ms": lat.get("p99"), "p99.9_ms": lat.get("p99.9"),
+                     "client_bound_runs": sum(r.client_bound for r in results)})
+    by_mode = {row["mode"]: row for row in rows}
+    peer = by_mode.get("torchserve", {}).get("images_per_second")
+    for row in rows:
+        base = by_mode.get(RAW_OF[row["mode"]], {}).get("images_per_second")
+        ips = row["images_per_second"]
+        row["ratio_to_raw"] = ips / base if ips is not None and base else None
+        row["vs_torchserve"] = ips / peer if ips is not None and peer else None
+    return rows
+
+
+def format_table(rows: list[dict], *, open_loop: bool = False) -> str:
+    """The summary as a Markdown table (what the README quotes)."""
+    def num(value: float | None, fmt: str = ".1f") -> str:
+        return "–" if value is None else format(value, fmt)
+
+    what = "img/s (knee, answered)" if open_loop else "img/s"
+    lines = [f"| mode | engine | {what} | p50 / p99 ms | ratio to its raw engine | vs TorchServe |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        name = f"{row['mode']} (batch {row['batch']})" if "batch" in row else row["mode"]
+        latency = "–" if row["p50_ms"] is None else f"{row['p50_ms']:.1f} / {row['p99_ms']:.1f}"
+        base = RAW_OF[row["mode"]]
+        ratio = "1.00" if row["mode"] == base else (f"{num(row['ratio_to_raw'], '.2f')} (of {base})" if row["ratio_to_raw"] else "–")
+        lines.append(f"| {name} | {row['engine']} | {num(row['images_per_second'])} | {latency} | {ratio} | "
+                     f"{num(row['vs_torchserve'], '.2f')} |")
+    return "\n".join(lines)
 
 
 def _machine() -> str:

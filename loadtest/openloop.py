@@ -131,15 +131,18 @@ async def open_loop(
     mode: str = "service",
     seed: int = 0,
     channels: int = 4,
+    rpcs: dict | None = None,
 ) -> OpenLoopResult:
     """Send at `rate` requests/s for `warmup` + `duration` s (or until `max_requests` measured requests were
-    sent), each RPC drawn from `mix`; wait for the stragglers up to their deadline."""
+    sent), each RPC drawn from `mix`; wait for the stragglers up to their deadline. `rpcs` replaces the
+    call factories of `RPCS` by name (a peer server's own API, e.g. TorchServe's Predictions as "classify")."""
     mix = mix or {"classify": 1.0}
     rng = random.Random(seed)
     names, weights = list(mix), list(mix.values())
     options = [("grpc.max_send_message_length", 1 << 30)]
     pool = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
-    calls = {name: [RPCS[name](ch, image) for ch in pool] for name in names}
+    factories = {**RPCS, **(rpcs or {})}
+    calls = {name: [factories[name](ch, image) for ch in pool] for name in names}
     overall, by_rpc = new_histogram(), {name: new_histogram() for name in names}
     lag = new_histogram()
     errors: Counter[str] = Counter()

@@ -346,6 +346,51 @@ def test_requests_are_counted_by_status(server, delf, pair):
     assert metric_value(text, "vision_images_total", service="vision.v1.Delf", model="efficientnet_lite0") > 0
 
 
+def test_keypoints_inliers_and_match_time_are_exported(server, delf, pair):
+    labels = {"model": "efficientnet_lite0", "version": "1"}
+
+    def sample(name: str, **extra: str) -> float:
+        return metric_value(scrape(server.metrics_url), name, **labels, **extra)
+
+    names = ("vision_delf_keypoints_per_image_count", "vision_delf_keypoints_per_image_sum",
+             "vision_delf_inliers_per_match_count", "vision_delf_inliers_per_match_sum")
+    before = {n: sample(n) for n in names}
+    match_time = sample("vision_stage_duration_seconds_count", stage="delf_match")
+    extracted = extract(delf, pair["left"], encode(Image.new("RGB", (1, 1)), "PNG"))
+    matched = match(delf, side(pair["left"]), side(pair["right"]), return_features=True)
+    after = {n: sample(n) for n in names}
+    # Extract: the photo's 1000 keypoints and a 1x1 image's 0; Match: both image sides' keypoints.
+    assert [len(r.features.keypoints) for r in extracted.results] == [1000, 0]
+    sides = len(matched.features_a.keypoints) + len(matched.features_b.keypoints)
+    assert after[names[0]] - before[names[0]] == 4
+    assert after[names[1]] - before[names[1]] == 1000 + sides
+    assert after[names[2]] - before[names[2]] == 1
+    assert after[names[3]] - before[names[3]] == matched.inliers >= 300
+    assert sample("vision_stage_duration_seconds_count", stage="delf_match") == match_time + 1
+    # Matching 1000 x 1000 keypoints is RANSAC's 1000 trials: well under the 30 s top bucket.
+    assert sample("vision_stage_duration_seconds_bucket", stage="delf_match", le="30.0") == match_time + 1
+    text = scrape(server.metrics_url)
+    assert 'vision_delf_keypoints_per_image_bucket{le="0.0",model="efficientnet_lite0",version="1"}' in text
+
+
+def test_a_retired_versions_delf_series_are_removed():
+    # What ModelRepository.retire calls (tests/test_live_models.py drives a real retirement).
+    from prometheus_client import generate_latest
+
+    from vision import metrics
+
+    for version in ("7", "8"):
+        metrics.DELF_KEYPOINTS.labels(model="delf_retire", version=version).observe(1000)
+        metrics.DELF_INLIERS.labels(model="delf_retire", version=version).observe(40)
+        metrics.STAGE_LATENCY.labels(stage="delf_match", model="delf_retire", version=version).observe(0.2)
+    metrics.forget_model("delf_retire", "7")
+    text = generate_latest().decode()
+    assert 'model="delf_retire",version="7"' not in text
+    for name in ("vision_delf_keypoints_per_image_count", "vision_delf_inliers_per_match_count"):
+        assert metric_value(text, name, model="delf_retire", version="8") == 1
+    assert metric_value(text, "vision_stage_duration_seconds_count", stage="delf_match", model="delf_retire", version="8") == 1
+
+
 # --------------------------------------------------------------------------------------
 # The CLI
 # --------------------------------------------------------------------------------------
@@ -383,6 +428,59 @@ def test_cli_extracts_saves_and_matches_with_a_figure(server, pair, tmp_path):
     assert listed.returncode == 0 and "delf(blocks.4,l2_norm)" in listed.stdout, listed.stdout + listed.stderr
     usage = vision("delf-match", "--help").stdout
     assert "RANSAC" in usage and "--out" in usage and "(default 120)" in usage
+
+
+@pytest.fixture(scope="module")
+def tiny_retrieval(tmp_path_factory) -> Path:
+    """Three queries of the generated retrieval benchmark with their 21 database copies and three
+    distractors: small enough for DELF on every shortlisted image in a few seconds."""
+    import json
+    import shutil
+
+    from loadtest.retrieval_bench import generate
+
+    full = tmp_path_factory.mktemp("retrieval-full")
+    generate(full)
+    root = tmp_path_factory.mktemp("retrieval-tiny")
+    for folder in ("jpg", "queries", "gt"):
+        (root / folder).mkdir()
+    for stem in ("astronaut", "rocket", "camera"):
+        shutil.copy(full / "queries" / f"q_{stem}.jpg", root / "queries")
+        for gt_file in (full / "gt").glob(f"{stem}_*.txt"):
+            shutil.copy(gt_file, root / "gt")
+        for image in (full / "jpg").glob(f"{stem}_*.jpg"):
+            shutil.copy(image, root / "jpg")
+    for name in ("distractor_coffee_0", "distractor_horse_0", "distractor_chelsea_0"):
+        shutil.copy(full / "jpg" / f"{name}.jpg", root / "jpg")
+    assert len(list((root / "jpg").iterdir())) == 24, json.dumps(sorted(p.name for p in (root / "jpg").iterdir()))
+    return root
+
+
+def test_eval_retrieval_reranks_the_shortlist_by_delf_inliers(server, tiny_retrieval):
+    import json
+
+    bench = ["--images", str(tiny_retrieval / "jpg"), "--queries", str(tiny_retrieval / "queries"),
+             "--gt", str(tiny_retrieval / "gt"), "--target", server.address]
+    done = vision("eval-retrieval", *bench, "--rerank", "5", "--timeout", "120")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["queries"], report["database_images"]) == (3, 24)
+    rerank = report["rerank"]
+    assert rerank["top"] == 5 and rerank["delf_model"]["name"] == "efficientnet_lite0"
+    # Each shortlisted image is extracted once: at most 3 queries x 5, at least one query's 5.
+    assert 5 <= rerank["database_images_extracted"] <= 15
+    before, after = report["scores"]["oxford"]["mAP"], rerank["scores"]["oxford"]["mAP"]
+    assert 0 < before <= 100 and 0 < after <= 100
+    assert rerank["mAP_change"]["oxford"] == pytest.approx(after - before, abs=0.01)
+    # Only the top 5 move: precision at 1 is a property of the head, and all three photos are easy to
+    # verify geometrically, so DELF keeps a true copy first for every query.
+    assert rerank["scores"]["oxford"]["mP@1"] == 100.0
+    # A model the server does not have: the Delf service's NOT_FOUND, before any Features work.
+    done = vision("eval-retrieval", *bench, "--rerank", "5", "--delf-model", "no_such_model")
+    assert done.returncode == 1 and "NOT_FOUND" in done.stderr and "no_such_model" in done.stderr, done.stderr
+    done = vision("eval-retrieval", *bench, "--rerank", "-1")
+    assert done.returncode == 2 and "--rerank must be 0" in done.stderr, done.stderr
+    assert "--delf-model" in vision("eval-retrieval", "--help").stdout
 
 
 # --------------------------------------------------------------------------------------

@@ -22,9 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from vision.imaging import IMAGE_SUFFIXES
 from vision.jobs.runtime import JobFailed
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
 @dataclass(frozen=True)
@@ -106,15 +105,7 @@ def load_data(path: Path, *, task: str, labels_file: Path | None = None) -> Labe
         data = _image_list(path / "images.txt", labels_file)
     elif path.is_file() and path.suffix == ".txt":
         data = _image_list(path, labels_file)
-    elif path.is_file():
-        try:
-            ds = load_tag_dataset(path)
-        except DatasetError as exc:
-            raise JobFailed(str(exc)) from None
-        data = LabelledSet(
-            tuple(ds.labels), tuple((s.path, tuple(sorted(s.labels))) for s in ds.samples), ds.source
-        )
-    elif task == "tagging":
+    elif path.is_file() or task == "tagging":
         try:
             ds = load_tag_dataset(path)
         except DatasetError as exc:
@@ -187,7 +178,10 @@ class ImageDataset:
 
         path, labels = self.items[index]
         img = resize_center_crop(
-            decode_image(path.read_bytes()), self.preset.resize_shorter, self.preset.crop_size
+            # As the services decode: JPEG draft down to the preset's size, so training sees serving's pixels.
+            decode_image(path.read_bytes(), min_target_side=self.preset.resize_shorter),
+            self.preset.resize_shorter,
+            self.preset.crop_size,
         )
         if self.augment != "none":
             if self._transform is None:

@@ -289,9 +289,7 @@ class Trainer:
         device: "torch.device",
     ) -> None:
         from vision.imaging import get_preset
-        from vision.models import get_architecture
 
-        get_architecture(base.arch)  # registers the zoo's presets (torchvision_128, ...) in this process
         self.run, self.task, self.options, self.base, self.data, self.store = (
             run,
             task,

@@ -358,7 +358,7 @@ def _export_triton(args: argparse.Namespace) -> int:
 
 
 def _triton(argv: list[str]) -> int:
-    from vision.triton.runtime import main as triton_main
+    from vision.triton.cli import main as triton_main
 
     return int(triton_main(argv) or 0)
 
@@ -413,9 +413,12 @@ def _features_command(args: argparse.Namespace) -> int:
                 head = " ".join(f"{v:+.4f}" for v in vector[:6])
                 print(f"{path}: {head} ...")
         elif args.command == "eval-retrieval":
+            from vision.delf_client import Options as DelfOptions
+
             result = fc.eval_retrieval(
                 args.target, args.images, args.gt, _options(args), queries=args.queries,
                 crop_queries=not args.no_crop, batch_size=args.batch_size, timeout=args.timeout,
+                rerank=args.rerank, delf=DelfOptions(model=args.delf_model),
             )
             print(fc.dump(result))
         else:
@@ -531,6 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
     eval_retrieval.add_argument("--gt", type=Path, required=True, help="Oxford ground-truth folder (*_query/good/ok/junk.txt) or Revisited gnd .pkl/.json")
     eval_retrieval.add_argument("--queries", type=Path, help="query image folder (default: --images)")
     eval_retrieval.add_argument("--no-crop", action="store_true", help="send whole query images, ignoring their bounding boxes")
+    eval_retrieval.add_argument(
+        "--rerank", type=int, default=0, metavar="N",
+        help="also re-rank each query's top N (e.g. 100) by DELF RANSAC inliers through the server's Delf service "
+        "and report the scores after (default 0: off)",
+    )
+    eval_retrieval.add_argument("--delf-model", default="", metavar="NAME", help="Delf model for --rerank (default: the server's default)")
     _recipe_options(eval_retrieval)
     eval_retrieval.set_defaults(func=_features_command)
 

@@ -23,6 +23,8 @@ from vision.repository import ModelCard, ModelRepository, ServedModel
 from vision.views import ViewSpec, make_views
 
 P = TypeVar("P", contravariant=True)
+# A request's parameters once validated and resolved against the model (e.g. Features' Recipe).
+Q = TypeVar("Q")
 R = TypeVar("R")
 
 
@@ -37,11 +39,10 @@ class EncodedImage:
 class ViewOutputs:
     """Model outputs of every view of every image of a request, views in image-major order."""
 
-    def __init__(self, views_per_image: list[int], groups: list[tuple[list[int], Outputs]], n_views: int) -> None:
+    def __init__(self, views_per_image: list[int], groups: list[tuple[list[int], Outputs]]) -> None:
         self.views_per_image = views_per_image
         # (positions of the views in request order, their outputs stacked in that order) per input shape.
         self._groups = groups
-        self._n_views = n_views
 
     def stacked(self, name: str) -> np.ndarray:
         """Output `name` of all views, (n_views, ...), in request order. Needs one shape across views."""
@@ -52,7 +53,7 @@ class ViewOutputs:
 
     def per_view(self, name: str) -> list[np.ndarray]:
         """Output `name` of each view, without the batch axis, in request order (shapes may differ)."""
-        rows: list[np.ndarray | None] = [None] * self._n_views
+        rows: list[np.ndarray | None] = [None] * sum(self.views_per_image)
         for positions, outputs in self._groups:
             values = outputs[name]
             for row, position in enumerate(positions):
@@ -69,21 +70,22 @@ class ViewOutputs:
         return result
 
 
-class Task(Protocol[P, R]):
+class Task(Protocol[P, Q, R]):
     """A task's model-facing half (vision.tasks.*): what to feed, what to read, how to turn it into results.
 
-    `postprocess` runs in a worker thread: it is pure numpy over a whole request."""
+    `validate` checks a request's parameters against the model once and returns them resolved; the other
+    three take that resolved form. `postprocess` runs in a worker thread: pure numpy over a whole request."""
 
     #: The capability a model must have (ModelCard.tasks) to be used for this task.
     name: str
 
-    def validate(self, card: ModelCard, params: P) -> None: ...
+    def validate(self, card: ModelCard, params: P) -> Q: ...
 
-    def views(self, card: ModelCard, params: P) -> ViewSpec: ...
+    def views(self, card: ModelCard, prepared: Q) -> ViewSpec: ...
 
-    def outputs(self, card: ModelCard, params: P) -> tuple[str, ...]: ...
+    def outputs(self, card: ModelCard, prepared: Q) -> tuple[str, ...]: ...
 
-    def postprocess(self, card: ModelCard, outputs: ViewOutputs, params: P) -> R: ...
+    def postprocess(self, card: ModelCard, outputs: ViewOutputs, prepared: Q) -> R: ...
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ class DataPlane:
 
     async def execute(
         self,
-        task: Task[P, R],
+        task: Task[P, Q, R],
         call: TaskCall[P],
         service: str,
         respond: Callable[[ModelCard, Sequence[EncodedImage], R], Any],
@@ -139,12 +141,12 @@ class DataPlane:
         model = self.repository.get(call.model_name, call.model_version, task=task.name)
         with model.lease():
             card = model.card
-            task.validate(card, call.params)
-            outputs = await self.infer(model, call.images, task.views(card, call.params), task.outputs(card, call.params))
+            prepared = task.validate(card, call.params)
+            outputs = await self.infer(model, call.images, task.views(card, prepared), task.outputs(card, prepared))
             metrics.IMAGES.labels(service=service, model=card.name, version=card.version).inc(len(call.images))
 
             def finish() -> Any:
-                return respond(card, call.images, task.postprocess(card, outputs, call.params))
+                return respond(card, call.images, task.postprocess(card, outputs, prepared))
 
             return await asyncio.get_running_loop().run_in_executor(self._post_pool, finish)
 
@@ -208,4 +210,4 @@ class DataPlane:
         results = await asyncio.gather(
             *(model.infer(flat[p[0]][None] if len(p) == 1 else np.stack([flat[i] for i in p]), outputs) for p in positions)
         )
-        return ViewOutputs([len(v) for v in per_image], list(zip(positions, results, strict=True)), len(flat))
+        return ViewOutputs([len(v) for v in per_image], list(zip(positions, results, strict=True)))

@@ -10,14 +10,18 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from vision.imaging import IMAGE_SUFFIXES
 from vision.v1 import common_pb2, delf_pb2, delf_pb2_grpc
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+if TYPE_CHECKING:
+    from vision.tasks.delf import DelfFeatures
+
 # `vision delf-extract --save DIR` writes DIR/<stem>FEATURES_SUFFIX; `vision delf-match` reads such files.
 FEATURES_SUFFIX = ".delf.npz"
 _OPTIONS = 1 << 30
@@ -107,6 +111,30 @@ def extract(target: str, paths: Sequence[Path], options: Options, timeout: float
     )
     with channel(target) as ch:
         return delf_pb2_grpc.DelfStub(ch).Extract(request, timeout=timeout)
+
+
+def extract_features(
+    target: str, contents: Sequence[bytes], options: Options, *, batch_size: int = 4, timeout: float = 120.0
+) -> tuple[list[DelfFeatures], common_pb2.ModelInfo]:
+    """DELF features of encoded images, in order, as numpy (for matching on the client side), and the model
+    that extracted them. A few images per request: each answer carries up to 1000 keypoints per image."""
+    from vision.servicers.delf import features_from_message
+
+    out: list[DelfFeatures] = []
+    model = common_pb2.ModelInfo(name=options.model, version=options.version)
+    with channel(target) as ch:
+        stub = delf_pb2_grpc.DelfStub(ch)
+        for start in range(0, len(contents), batch_size):
+            chunk = contents[start : start + batch_size]
+            request = delf_pb2.DelfExtractRequest(
+                model=options.selector(),
+                images=[common_pb2.Image(id=str(start + i), content=c) for i, c in enumerate(chunk)],
+                options=options.message(),
+            )
+            response = stub.Extract(request, timeout=timeout)
+            out.extend(features_from_message(r.features, "response") for r in response.results)
+            model = response.model
+    return out, model
 
 
 def match(

@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 
+from vision.imaging import IMAGE_SUFFIXES
 from vision.servicers.features import decode_descriptor
 from vision.v1 import common_pb2, features_pb2, features_pb2_grpc
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+if TYPE_CHECKING:
+    from vision.delf_client import Options as DelfOptions
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _cropped(path: Path, bbox: tuple[float, float, float, float] | None) -> bytes:
+def cropped(path: Path, bbox: tuple[float, float, float, float] | None) -> bytes:
     """The file's bytes, or the bounding-box crop re-encoded losslessly (the protocols crop queries)."""
     if bbox is None:
         return path.read_bytes()
@@ -68,7 +72,7 @@ def extract(
             chunk_boxes = boxes[start : start + batch_size] if boxes is not None else [None] * len(chunk)
             request = features_pb2.ExtractRequest(
                 model=common_pb2.ModelSelector(name=options.model, version=options.version),
-                images=[common_pb2.Image(id=p.name, content=_cropped(p, b)) for p, b in zip(chunk, chunk_boxes, strict=True)],
+                images=[common_pb2.Image(id=p.name, content=cropped(p, b)) for p, b in zip(chunk, chunk_boxes, strict=True)],
                 recipe=options.recipe,
                 layer=options.layer,
                 scales=options.scales,
@@ -86,10 +90,17 @@ def extract(
 def eval_retrieval(
     target: str, images: Path, gt_path: Path, options: RecipeOptions, *, queries: Path | None = None,
     crop_queries: bool = True, batch_size: int = 16, timeout: float = 120.0,
+    rerank: int = 0, delf: "DelfOptions | None" = None,
 ) -> dict[str, object]:
-    """Extract the database and the queries through the service, rank, and score with the protocol."""
-    from vision.tasks.retrieval_metrics import evaluate, load_ground_truth
+    """Extract the database and the queries through the service, rank, and score with the protocol.
 
+    With `rerank` N > 0, each query's top N are then re-ranked by DELF inliers (vision.tasks.delf_match
+    `rerank_rankings`) with features from the same server's Delf service (`delf` selects the model and the
+    extraction options), and the scores after re-ranking are reported beside those before."""
+    from vision.tasks.retrieval_metrics import evaluate_ranked, load_ground_truth, rank
+
+    if rerank < 0:
+        raise ValueError(f"--rerank must be 0 (off) or the number of candidates to re-rank, got {rerank}")
     gt = load_ground_truth(gt_path)
     files = image_files(images)
     by_stem = {p.stem: p for p in files}
@@ -99,24 +110,64 @@ def eval_retrieval(
             raise FileNotFoundError(f"{len(missing)} database images of the ground truth are not in {images}, e.g. {missing[:3]}")
         files = [by_stem[n] for n in gt.database]
     query_folder = queries or images
+    query_by_stem: dict[str, Path] = {}
+    for p in image_files(query_folder):
+        query_by_stem.setdefault(p.stem, p)  # the first in sorted order, for names with several suffixes
     query_files = []
     for q in gt.queries:
-        found = next((p for p in image_files(query_folder) if p.stem == q.name), None)
+        found = query_by_stem.get(q.name)
         if found is None:
             raise FileNotFoundError(f"query image {q.name!r} is not in {query_folder}")
         query_files.append(found)
-    database, response = extract(target, files, options, batch_size=batch_size, timeout=timeout)
     boxes = [q.bbox if crop_queries else None for q in gt.queries]
+    if rerank:
+        from vision.delf_client import Options as DelfOptions, extract_features
+
+        delf = delf or DelfOptions()
+        # The queries' DELF features first: a bad DELF model or option fails before the Features pass.
+        started = time.perf_counter()
+        query_delf, delf_model = extract_features(
+            target, [cropped(p, b) for p, b in zip(query_files, boxes, strict=True)], delf, timeout=timeout
+        )
+        delf_seconds = time.perf_counter() - started
+    database, response = extract(target, files, options, batch_size=batch_size, timeout=timeout)
     query_vectors, _ = extract(target, query_files, options, boxes=boxes, batch_size=batch_size, timeout=timeout)
-    report = evaluate(gt, [p.stem for p in files], database, query_vectors)
-    return {
+    names = np.asarray([p.stem for p in files], dtype=object)
+    ranked = [names[row].tolist() for row in rank(database, query_vectors)]
+    result: dict[str, object] = {
         "model": {"name": response.model.name, "version": response.model.version},
         "recipe": {"name": response.recipe.name, "layer": response.recipe.layer, "gem_p": response.recipe.gem_p,
                    "scales": list(response.recipe.scales), "whitening": response.recipe.whitening, "dim": response.dim},
         "database_images": len(files),
         "queries": len(query_files),
-        "scores": report.scores,
+        "scores": evaluate_ranked(gt, ranked).scores,
     }
+    if rerank:
+        from vision.tasks.delf_match import RERANK_OPTIONS, rerank_rankings
+
+        # Only the images some query's shortlist holds, each extracted once however many shortlists hold it.
+        shortlisted = sorted({name for row in ranked for name in row[:rerank]})
+        path_of = {p.stem: p for p in files}
+        started = time.perf_counter()
+        found, _ = extract_features(target, [path_of[n].read_bytes() for n in shortlisted], delf, timeout=timeout)
+        delf_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        reranked = rerank_rankings(ranked, query_delf, dict(zip(shortlisted, found, strict=True)), rerank)
+        match_seconds = time.perf_counter() - started
+        after = evaluate_ranked(gt, reranked).scores
+        before = result["scores"]
+        result["rerank"] = {
+            "top": rerank,
+            "delf_model": {"name": delf_model.name, "version": delf_model.version},
+            "matching": {"max_descriptor_distance": RERANK_OPTIONS.max_descriptor_distance,
+                         "residual_threshold": RERANK_OPTIONS.residual_threshold},
+            "database_images_extracted": len(shortlisted),
+            "extract_seconds": round(delf_seconds, 2),
+            "match_seconds": round(match_seconds, 2),
+            "scores": after,
+            "mAP_change": {s: round(after[s]["mAP"] - before[s]["mAP"], 2) for s in after},  # type: ignore[index]
+        }
+    return result
 
 
 def fit_whitening(

@@ -19,6 +19,8 @@ from vision.errors import ConfigurationError, InvalidImage
 # Formats the platform promises to decode. Anything else (TIFF, ICO, PSD...) is refused by name so clients
 # are not surprised by whatever Pillow happens to support on a given host.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+# File suffixes of those formats, for tools that read image folders.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,20 @@ PRESETS: dict[str, Preset] = {
         crop_size=224,
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
+    ),
+    # DELF's input normalisation, (x - 128) / 128 per RGB channel (tensorflow/models research/delf
+    # `NormalizePixelValues`: pixel_value_offset 128, pixel_value_scale 128). Crop views are never cut for
+    # DELF; the crop geometry only keeps the preset valid.
+    "delf": Preset(name="delf", resize_shorter=256, crop_size=224, mean=(128 / 255,) * 3, std=(128 / 255,) * 3),
+    # Small images (generated sets, thumbnails of 64-128 px; vision.jobs fine-tunes): torchvision's
+    # normalisation at 128 px, so a model fine-tuned on them sees them near their own size rather than
+    # upscaled to 224 (about 3x less compute per image for training and serving alike).
+    "torchvision_128": Preset(
+        name="torchvision_128",
+        resize_shorter=128,
+        crop_size=128,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
     ),
 }
 

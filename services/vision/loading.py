@@ -98,6 +98,7 @@ def model_card(config: ModelConfig, settings: ServeSettings) -> tuple[ModelCard,
     if random_weights:
         log.warning("model %s serves seeded RANDOM weights (weights=random)", config.served_name)
     task = "features" if feature_extractor else (config.task or defaults.task)
+    signature = entry.signature(num_classes)
     card = ModelCard(
         name=config.served_name,
         version=config.version,
@@ -106,14 +107,14 @@ def model_card(config: ModelConfig, settings: ServeSettings) -> tuple[ModelCard,
         labels=labels,
         preset=get_preset(config.preset or defaults.preset),
         backend=backend,
-        signature=entry.signature(num_classes),
+        signature=signature,
         weights_sha256=sha256_file(weights) if weights is not None else "",
         random_weights=random_weights,
         # Published metrics describe the bundled weights only.
         metrics=defaults.metrics if config.weights is None else (),
         tagger=None if feature_extractor else _load_tagger(config, defaults.task, labels, labels_source, label_vocabulary),
         whitenings=_load_whitenings(config),
-        delf=_load_delf(config, entry.signature(num_classes)),
+        delf=_load_delf(config, signature),
     )
     return card, weights
 

@@ -31,7 +31,8 @@ IN_FLIGHT = Gauge("vision_requests_in_flight", "RPCs being handled now.", ["serv
 IMAGES = Counter("vision_images_total", "Images answered successfully.", ["service", "model", "version"])
 STAGE_LATENCY = Histogram(
     "vision_stage_duration_seconds",
-    "Time per stage: decode and preprocess per image; queue (waiting for a batch) and inference per batch.",
+    "Time per stage: decode and preprocess per image; queue (waiting for a batch) and inference per batch; "
+    "delf_match (nearest neighbours and RANSAC) per DELF Match.",
     ["stage", "model", "version"],
     buckets=_LATENCY_BUCKETS,
 )
@@ -44,6 +45,22 @@ BATCH_SIZE = Histogram(
 QUEUE_DEPTH = Gauge("vision_inference_queue_images", "Images waiting for a forward pass.", ["model", "version"])
 BACKEND_ERRORS = Counter(
     "vision_backend_errors_total", "Failed forward passes, by backend.", ["model", "version", "backend"]
+)
+
+# DELF (vision.servicers.delf): what extraction and matching produce. A model or threshold that starts
+# returning no keypoints, or matches that stop verifying, show here before clients notice.
+DELF_KEYPOINTS = Histogram(
+    "vision_delf_keypoints_per_image",
+    "DELF keypoints returned per image (Extract, and the image sides of Match); 0 for images too small.",
+    ["model", "version"],
+    # 999 | 1000 splits off the images that hit the default cap of 1000 keypoints; 0 counts empty answers.
+    buckets=(0, 1, 10, 50, 100, 250, 500, 750, 999, 1000, 2500, 10000),
+)
+DELF_INLIERS = Histogram(
+    "vision_delf_inliers_per_match",
+    "RANSAC inliers per DELF Match (the match score).",
+    ["model", "version"],
+    buckets=(0, 3, 5, 10, 20, 30, 50, 100, 200, 500, 1000, 10000),
 )
 
 
@@ -118,7 +135,7 @@ TRAIN_EPOCH_SECONDS = Histogram(
 
 
 # Every metric with `model` and `version` labels: a retired version's series are removed from all of them.
-_PER_MODEL = (IMAGES, STAGE_LATENCY, BATCH_SIZE, QUEUE_DEPTH, BACKEND_ERRORS, MODEL_INFO)
+_PER_MODEL = (IMAGES, STAGE_LATENCY, BATCH_SIZE, QUEUE_DEPTH, BACKEND_ERRORS, MODEL_INFO, DELF_KEYPOINTS, DELF_INLIERS)
 
 
 def forget_model(name: str, version: str) -> None:

@@ -14,6 +14,7 @@ with it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterator
@@ -72,7 +73,7 @@ class ModelCard:
     def num_labels(self) -> int:
         return len(self.labels)
 
-    @property
+    @functools.cached_property  # asked twice per model on every request's lookup; the card never changes
     def tasks(self) -> frozenset[str]:
         """What the model can serve: its head's task, "features" (every model has a pooled embedding), and
         "tagging" when it has a tagger."""

@@ -28,7 +28,7 @@ from vision.dataplane import DataPlane
 from vision.imaging import DecodeLimits
 from vision.loading import load_repository
 from vision.metrics import serve_metrics
-from vision.repository import ModelRepository
+from vision.repository import DELF as DELF_TASK, FEATURES as FEATURES_TASK, ModelRepository
 from vision.servicers.classification import SERVICE as CLASSIFICATION, ClassificationServicer
 from vision.servicers.delf import SERVICE as DELF, DelfServicer
 from vision.servicers.features import SERVICE as FEATURES, FeaturesServicer
@@ -67,13 +67,13 @@ SERVICES: tuple[HostedService, ...] = (
         lambda dp, server, _: tagging_pb2_grpc.add_TaggingServicer_to_server(TaggingServicer(dp), server),
     ),
     HostedService(
-        "features", FEATURES, "features",
+        "features", FEATURES, FEATURES_TASK,
         lambda dp, server, settings: features_pb2_grpc.add_FeaturesServicer_to_server(
             FeaturesServicer(dp, Features(max_shorter=settings.features_max_shorter)), server
         ),
     ),
     HostedService(
-        "delf", DELF, "delf",
+        "delf", DELF, DELF_TASK,
         lambda dp, server, _: delf_pb2_grpc.add_DelfServicer_to_server(DelfServicer(dp), server),
     ),
     # Jobs (vision.jobs): ready while its Redis answers.
@@ -169,6 +169,22 @@ async def _track_health(
         state = await _update_health(health, repository, hosted, state, probes)
 
 
+def _bind(server: grpc.aio.Server, settings: ServeSettings) -> tuple[int, object, int]:
+    """(gRPC port, metrics server, metrics port); OSError naming the address that could not be bound."""
+    address = _hostport(settings.host, settings.port)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio reports a failed bind as RuntimeError
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot bind gRPC on {address}: is another server using that port? (--port 0 picks a free one)")
+    try:
+        metrics_httpd, metrics_port = serve_metrics(settings.host, settings.metrics_port)
+    except OSError as exc:
+        raise OSError(f"cannot bind metrics on {_hostport(settings.host, settings.metrics_port)}: {exc.strerror}") from None
+    return port, metrics_httpd, metrics_port
+
+
 async def serve(
     settings: ServeSettings,
     *,
@@ -212,19 +228,15 @@ async def serve(
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     _enable_reflection(server, [*(svc.full_name for svc in hosted), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
-    address = _hostport(settings.host, settings.port)
     try:
-        port = server.add_insecure_port(address)
-    except RuntimeError:  # grpcio reports a failed bind as RuntimeError
-        port = 0
-    if port == 0:
+        port, metrics_httpd, metrics_port = _bind(server, settings)
+    except OSError:
+        # Nothing started may outlive a failed start: the registry's followers, the models, the pools.
+        if registry is not None:
+            await registry.close()
         await repository.close()
-        raise OSError(f"cannot bind gRPC on {address}: is another server using that port? (--port 0 picks a free one)")
-    try:
-        metrics_httpd, metrics_port = serve_metrics(settings.host, settings.metrics_port)
-    except OSError as exc:
-        await repository.close()
-        raise OSError(f"cannot bind metrics on {_hostport(settings.host, settings.metrics_port)}: {exc.strerror}") from None
+        dataplane.close()
+        raise
     await server.start()
     state = await _update_health(health, repository, hosted, {}, probes)
     health_task = asyncio.get_running_loop().create_task(

@@ -7,7 +7,7 @@ Every field can be set by a CLI flag of `vision serve` or an environment variabl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -20,7 +20,8 @@ _CPUS = available_cpus()
 
 Backend = Literal["onnxruntime", "torch", "triton"]
 # Every gRPC service `vision serve` can host (vision.server.SERVICES has one entry for each).
-SERVICE_NAMES = ("classification", "tagging", "features", "delf", "jobs")
+ServiceName = Literal["classification", "tagging", "features", "delf", "jobs"]
+SERVICE_NAMES: tuple[str, ...] = get_args(ServiceName)
 # Hosted when --services is not given: the model services. Jobs needs Redis and is asked for by name
 # (`--services jobs`, or the list with jobs in it), so a process without Redis still serves models.
 DEFAULT_SERVICES = ("classification", "tagging", "features", "delf")
@@ -141,7 +142,7 @@ class ServeSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind gRPC and metrics on.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one.")
-    services: Annotated[list[Literal["classification", "tagging", "features", "delf", "jobs"]], NoDecode] = Field(
+    services: Annotated[list[ServiceName], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_SERVICES),
         description="gRPC services to host, comma-separated (one per Deployment in Kubernetes); default: every model "
         "service (classification, tagging, features, delf); jobs (needs Redis) only when named.",

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vision.imaging import IMAGE_SUFFIXES
 from vision.files import sha256_file
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
 class DatasetError(ValueError):

@@ -39,11 +39,6 @@ class ViewSpec:
         if self.kind != "full" and self.scales != (1.0,):
             raise InvalidArgument(f"the {self.kind} view has a single scale")
 
-    @property
-    def count(self) -> int:
-        """Views per image."""
-        return {"center": 1, "ten_crop": 10}.get(self.kind, len(self.scales))
-
     def min_decode_side(self, preset: Preset) -> int | None:
         """The smallest shorter side the decoder may downsample to (JPEG draft) without losing detail that
         the views use; None when every pixel may matter."""
@@ -73,8 +68,6 @@ def ten_crop(img: Image.Image, preset: Preset) -> list[np.ndarray]:
     width, height = resized_size(img.size, preset.resize_shorter)
     resized = np.asarray(img.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
     size = preset.crop_size
-    if size > min(width, height):
-        raise InvalidArgument(f"crop {size} is larger than the resized image {width}x{height}")
     top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
     corners = ((0, 0), (0, width - size), (height - size, 0), (height - size, width - size), (top, left))
     crops = []

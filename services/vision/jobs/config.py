@@ -53,4 +53,6 @@ class JobsConfig(BaseModel):
         return f"{self.namespace}:"
 
     def redacted_url(self) -> str:
-        return re.sub(r"(://[^:/@]*:)[^@]+@", r"\1***@", self.redis_url)
+        from vision.registry.uri import redact
+
+        return redact(self.redis_url)

@@ -120,14 +120,7 @@ class JobStore:
 
     def ping(self) -> None:
         """Raises Unavailable (with the reason) when Redis does not answer."""
-        import redis
-
-        try:
-            self.redis.ping()
-        except (redis.RedisError, OSError) as exc:
-            raise Unavailable(
-                f"the jobs backend (Redis at {self.config.redacted_url()}) is unreachable: {exc}"
-            ) from None
+        self._call(self.redis.ping)
 
     # -- service side
     def submit(self, kind: str, params: Mapping[str, Any], *, urls: bytes | None = None) -> JobView:

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vision.imaging import PRESETS, Preset
 from vision.models.registry import ArchitectureDefaults, register_model
 from vision.models.signature import ATTENTION, FeatureLayer, Signature
 
@@ -120,22 +119,6 @@ def efficientnet_lite0(*, num_classes: int) -> "nn.Module":
     # The bundled ImageNet weights use the lukemelas-style key names; timm's module has the same tensors in
     # the same order under other names, hence key_mapping="by_order".
     return timm.create_model("efficientnet_lite0", pretrained=False, num_classes=num_classes)
-
-
-# DELF's input normalisation, (x - 128) / 128 per RGB channel (tensorflow/models research/delf
-# `NormalizePixelValues`: pixel_value_offset 128, pixel_value_scale 128). Registered beside the one
-# architecture that uses it; crop views are never cut for DELF, the crop geometry only keeps Preset valid.
-PRESETS.setdefault(
-    "delf", Preset(name="delf", resize_shorter=256, crop_size=224, mean=(128 / 255,) * 3, std=(128 / 255,) * 3)
-)
-# Small images (generated sets, thumbnails of 64-128 px; vision.jobs fine-tunes): torchvision's normalisation
-# at 128 px, so a model fine-tuned on them sees them near their own size rather than upscaled to 224 (about
-# 3x less compute per image for training and serving alike).
-PRESETS.setdefault(
-    "torchvision_128",
-    Preset(name="torchvision_128", resize_shorter=128, crop_size=128, mean=PRESETS["torchvision"].mean,
-           std=PRESETS["torchvision"].std),
-)
 
 
 def _delf_taps(net: "nn.Module", signature: Signature) -> "nn.Module":

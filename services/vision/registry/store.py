@@ -13,6 +13,7 @@ MLflow is imported here only, and only when a store is opened.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -379,8 +380,10 @@ class RegistryStore:
 
         info = self.version(name, version)
         expected = info.sha256
-        if dest.is_dir() and not pkg.verify(dest, expected):
-            return pkg.load(dest, expected)
+        if dest.is_dir():
+            # Each file is hashed once: load() verifies; a corrupted cache is replaced by a fresh download.
+            with contextlib.suppress(pkg.ArtifactCorrupted):
+                return pkg.load(dest, expected)
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
         try:
@@ -388,11 +391,11 @@ class RegistryStore:
                 got = Path(download_artifacts(artifact_uri=info.source, dst_path=str(staging)))
             except Exception as exc:
                 raise RegistryError(f"model {name!r} version {info.version}: cannot download {info.source}: {_message(exc)}") from None
-            pkg.load(got, expected)  # raises ArtifactCorrupted
+            package = pkg.load(got, expected)  # raises ArtifactCorrupted
             if dest.exists():
                 shutil.rmtree(dest)
             os.replace(got, dest)
-            return pkg.load(dest, expected)
+            return dataclasses.replace(package, root=dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

@@ -106,4 +106,5 @@ def default_artifact_root(registry_uri: str) -> str:
 
 def redact(uri: str) -> str:
     """The URI with any password replaced, for logs and messages."""
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", uri)
+    # `*`, not `+`: Redis URLs usually have an empty user name (redis://:password@host).
+    return re.sub(r"(://[^:/@]*:)[^@]+@", r"\1***@", uri)

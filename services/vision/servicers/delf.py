@@ -11,12 +11,14 @@ full decode to reject corrupt ones) get zero keypoints without a forward pass.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import grpc
 import numpy as np
 
+from vision import metrics
 from vision.dataplane import DataPlane, EncodedImage, TaskCall
 from vision.errors import InvalidArgument, InvalidImage, ResourceExhausted
 from vision.imaging import DecodeLimits
@@ -173,6 +175,9 @@ class DelfServicer(delf_pb2_grpc.DelfServicer):
             dim = delf_of(card).output_dim(options)
             for index, (width, height) in tiny.items():
                 features[index] = DelfFeatures.empty(width, height, dim)
+            keypoints = metrics.DELF_KEYPOINTS.labels(model=card.name, version=card.version)
+            for found in features:
+                keypoints.observe(len(found))  # type: ignore[arg-type]
             return finish(card, features)  # type: ignore[arg-type]
 
         served = dataplane.repository.get(*model, task=TASK)
@@ -232,7 +237,15 @@ class DelfServicer(delf_pb2_grpc.DelfServicer):
         def finish(card: ModelCard | None, extracted: list[DelfFeatures]) -> delf_pb2.DelfMatchResponse:
             features = dict(given)
             features.update(zip(images, extracted, strict=True))
-            response = _match_response(match(features["a"], features["b"], options), features["a"], features["b"])
+            started = time.perf_counter()
+            result = match(features["a"], features["b"], options)
+            # Labelled by the model that extracted the features: the extracting model when a side was an
+            # image, else the one the given features name (empty when they name none).
+            labels = {"model": card.name, "version": card.version} if card is not None else {
+                "model": selected[0], "version": selected[1]}
+            metrics.STAGE_LATENCY.labels(stage="delf_match", **labels).observe(time.perf_counter() - started)
+            metrics.DELF_INLIERS.labels(**labels).observe(result.inliers)
+            response = _match_response(result, features["a"], features["b"])
             if card is not None:
                 response.model.CopyFrom(model_info(card))
             elif models:

@@ -53,9 +53,10 @@ class TopK:
 class Classification:
     name = "classification"
 
-    def validate(self, card: ModelCard, top_k: int) -> None:
+    def validate(self, card: ModelCard, top_k: int) -> int:
         if not 1 <= top_k <= card.num_labels:
             raise InvalidArgument(f"top_k must be between 1 and {card.num_labels} for model {card.name!r}, got {top_k}")
+        return top_k
 
     def views(self, card: ModelCard, top_k: int) -> ViewSpec:
         return CENTER

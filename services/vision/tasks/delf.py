@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vision.errors import ConfigurationError, InvalidArgument
+from vision.tasks.features import l2_normalize
 from vision.models.signature import ATTENTION, FeatureLayer, Signature
 from vision.views import ViewSpec, capped_size
 
@@ -350,10 +351,6 @@ def level_sizes(size: tuple[int, int], side: int, scales: Sequence[float]) -> li
 # --------------------------------------------------------------------------------------
 
 
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
-
 
 def box_nms(boxes: np.ndarray, order: np.ndarray, iou: float, limit: int) -> np.ndarray:
     """Greedy NMS: walk `order` (best first), keep a box unless it overlaps a kept one by IoU > `iou`.
@@ -449,9 +446,9 @@ def extract_image(
         rows = np.flatnonzero(levels[chosen] == level)
         fmap = maps[level]
         descriptors[rows] = fmap.reshape(fmap.shape[0], -1)[:, cells[chosen[rows]]].T
-    descriptors = _l2_normalise(descriptors)
+    descriptors = l2_normalize(descriptors)
     if model.pca is not None and not options.skip_pca:
-        descriptors = _l2_normalise(model.pca.apply(descriptors))
+        descriptors = l2_normalize(model.pca.apply(descriptors))
     return DelfFeatures(
         width,
         height,
@@ -467,7 +464,7 @@ class DelfExtraction:
 
     name = TASK
 
-    def validate(self, card: "ModelCard", params: ExtractParams) -> None:
+    def validate(self, card: "ModelCard", params: ExtractParams) -> ExtractParams:
         model = delf_of(card)
         side = image_side(model, params.options)
         largest = side * max(params.options.scales)
@@ -476,6 +473,7 @@ class DelfExtraction:
                 f"scales: the largest pyramid level would be {largest:.0f} px on its longer side, over this "
                 f"model's limit of {MAX_LEVEL_FACTOR * model.max_image_side:.0f}; lower max_image_side or the scales"
             )
+        return params
 
     def views(self, card: "ModelCard", params: ExtractParams) -> ViewSpec:
         return ViewSpec("full", params.options.scales, max_longer=image_side(delf_of(card), params.options))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,3 +135,26 @@ def rerank(
     counts = [match(query, c, options).inliers for c in candidates]
     order = sorted(range(len(candidates)), key=lambda i: -counts[i])
     return [(i, counts[i]) for i in order]
+
+
+# Re-ranking a retrieval shortlist matches as the reference's detect_to_retrieve/image_reranking.py
+# (`RerankByGeometricVerification`) does: a looser descriptor bound (0.9) and a tighter RANSAC threshold (10 px)
+# than match_images.py's 0.8 and 20 px, the Match RPC's defaults.
+RERANK_OPTIONS = MatchOptions(max_descriptor_distance=0.9, residual_threshold=10.0)
+
+
+def rerank_rankings(
+    rankings: Sequence[Sequence[str]],
+    queries: Sequence[DelfFeatures],
+    database: Mapping[str, DelfFeatures],
+    top: int,
+    options: MatchOptions = RERANK_OPTIONS,
+) -> list[list[str]]:
+    """Each query's ranked database names with its first `top` re-ordered by DELF inliers (`rerank`), the rest
+    left where the global ranking put them. `database` needs the features of every name in any query's top."""
+    out: list[list[str]] = []
+    for ranked, query in zip(rankings, queries, strict=True):
+        head = list(ranked[:top])
+        order = rerank(query, [database[name] for name in head], options)
+        out.append([head[i] for i, _ in order] + list(ranked[top:]))
+    return out

@@ -332,15 +332,17 @@ class Features:
             raise InvalidArgument("dim applies after a whitening; name one (whitening=...) or leave dim unset")
         return Recipe(name, layer, gem_p, scales, whitening, dim, request.float16)
 
-    def validate(self, card: ModelCard, request: FeatureRequest) -> None:
+    def validate(self, card: ModelCard, request: FeatureRequest) -> Recipe:
         recipe = self.resolve(card, request)
         if recipe.whitening:
             expected = card.whitenings[recipe.whitening].input_dim
-            if self._raw_dim(card, recipe) != expected:
+            raw = self._raw_dim(card, recipe)
+            if raw != expected:
                 raise InvalidArgument(
                     f"whitening {recipe.whitening!r} was fitted on {expected}-d descriptors; recipe {recipe.name!r} "
-                    f"gives {self._raw_dim(card, recipe)}-d ones"
+                    f"gives {raw}-d ones"
                 )
+        return recipe
 
     @staticmethod
     def _raw_dim(card: ModelCard, recipe: Recipe) -> int:
@@ -348,20 +350,17 @@ class Features:
             return card.signature.embedding_dim
         return card.signature.layer(recipe.layer).channels
 
-    def views(self, card: ModelCard, request: FeatureRequest) -> ViewSpec:
-        recipe = self.resolve(card, request)
+    def views(self, card: ModelCard, recipe: Recipe) -> ViewSpec:
         if recipe.name == "center":
             return CENTER
         if recipe.name == "ten_crop":
             return TEN_CROP
         return ViewSpec("full", recipe.scales, max_shorter=self.max_shorter, max_longer=card.signature.geometry.max_side)
 
-    def outputs(self, card: ModelCard, request: FeatureRequest) -> tuple[str, ...]:
-        recipe = self.resolve(card, request)
+    def outputs(self, card: ModelCard, recipe: Recipe) -> tuple[str, ...]:
         return (recipe.layer,) if recipe.layer else (EMBEDDING,)
 
-    def postprocess(self, card: ModelCard, outputs: ViewOutputs, request: FeatureRequest) -> Descriptors:
-        recipe = self.resolve(card, request)
+    def postprocess(self, card: ModelCard, outputs: ViewOutputs, recipe: Recipe) -> Descriptors:
         if recipe.name == "center":
             vectors = outputs.stacked(EMBEDDING)
         elif recipe.name == "ten_crop":
@@ -378,7 +377,7 @@ class Features:
     def _pooled(maps: list[np.ndarray], recipe: Recipe) -> np.ndarray:
         pool = {"spoc": spoc, "avg": avg, "mac": mac, "rmac": rmac, "crow": crow}.get(recipe.name)
         per_scale = [
-            (gem(m, recipe.gem_p) if recipe.name == "gem" else pool(m.astype(np.float32)))  # type: ignore[misc]
+            (gem(m, recipe.gem_p) if recipe.name == "gem" else pool(m.astype(np.float32, copy=False)))  # type: ignore[misc]
             for m in maps
         ]
         if len(per_scale) == 1:
@@ -391,5 +390,3 @@ class Features:
             return stacked.mean(axis=0)
         return np.mean(np.maximum(stacked, 0.0) ** p, axis=0) ** (1.0 / p)
 
-
-FEATURES = Features()

@@ -17,6 +17,7 @@ structure as JSON: `imlist`, `qimlist`, `gnd: [{bbx, easy, hard, junk}]`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 from collections.abc import Sequence
@@ -66,7 +67,7 @@ def average_precision(ranked: Sequence[str], positives: frozenset[str], junk: fr
 
 
 def precision_at(ranked: Sequence[str], positives: frozenset[str], junk: frozenset[str], k: int) -> float:
-    kept = [name for name in ranked if name not in junk][:k]
+    kept = itertools.islice((name for name in ranked if name not in junk), k)
     return sum(name in positives for name in kept) / k
 
 
@@ -84,24 +85,31 @@ class RetrievalReport:
 
 def evaluate(gt: GroundTruth, database_names: Sequence[str], database: np.ndarray, queries: np.ndarray) -> RetrievalReport:
     """mAP and mP@k of every setting of `gt`, ranking `database` (n, d) for each row of `queries`."""
-    order = rank(database, queries)
     names = np.asarray(database_names, dtype=object)
-    scores: dict[str, dict[str, float]] = {}
-    per_query: dict[str, list[float]] = {}
-    for setting in gt.settings:
-        aps, precisions = [], {k: [] for k in TOP_K}
-        for query, row in zip(gt.queries, order, strict=True):
+    return evaluate_ranked(gt, [names[row].tolist() for row in rank(database, queries)])
+
+
+def evaluate_ranked(gt: GroundTruth, ranked_names: Sequence[Sequence[str]]) -> RetrievalReport:
+    """mAP and mP@k of every setting of `gt` for one ranked list of database names per query (any ranker:
+    cosine similarity, or a re-ranking by local-feature inliers)."""
+    aps: dict[str, list[float]] = {setting: [] for setting in gt.settings}
+    precisions = {setting: {k: [] for k in TOP_K} for setting in gt.settings}
+    for query, ranked in zip(gt.queries, ranked_names, strict=True):
+        for setting in gt.settings:
             positives, junk = query.settings[setting]
             if not positives:
                 continue
-            ranked = names[row].tolist()
-            aps.append(average_precision(ranked, positives, junk))
+            aps[setting].append(average_precision(ranked, positives, junk))
             for k in TOP_K:
-                precisions[k].append(precision_at(ranked, positives, junk, k))
-        per_query[setting] = aps
-        scores[setting] = {"mAP": 100 * float(np.mean(aps)) if aps else float("nan")}
-        scores[setting].update({f"mP@{k}": 100 * float(np.mean(v)) if v else float("nan") for k, v in precisions.items()})
-    return RetrievalReport(scores, per_query)
+                precisions[setting][k].append(precision_at(ranked, positives, junk, k))
+    scores: dict[str, dict[str, float]] = {}
+    for setting in gt.settings:
+        values = aps[setting]
+        scores[setting] = {"mAP": 100 * float(np.mean(values)) if values else float("nan")}
+        scores[setting].update(
+            {f"mP@{k}": 100 * float(np.mean(v)) if v else float("nan") for k, v in precisions[setting].items()}
+        )
+    return RetrievalReport(scores, aps)
 
 
 # --------------------------------------------------------------------------------------

@@ -464,8 +464,8 @@ class Tagging:
 
     name = "tagging"
 
-    def validate(self, card: "ModelCard", options: TagOptions) -> None:
-        pass  # TagOptions validates itself; every model the repository returns for "tagging" has a tagger
+    def validate(self, card: "ModelCard", options: TagOptions) -> TagOptions:
+        return options  # TagOptions validates itself; every model the repository returns for "tagging" has a tagger
 
     def views(self, card: "ModelCard", options: TagOptions) -> ViewSpec:
         return CENTER

@@ -35,13 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vision.triton.errors import (  # noqa: F401 - TritonError, TritonStartError, TritonModelLoadError: re-exported
-    TritonError,
-    TritonModelLoadError,
-    TritonRuntimeMissing,
-    TritonSetupError,
-    TritonStartError,
-)
+from vision.triton.errors import TritonRuntimeMissing, TritonSetupError
 
 # The Triton venv, exactly. `nvidia-pytriton` is installed without its dependencies: only its tritonserver
 # binary, libraries and python-backend files are used (its Python API would pull in tritonclient, gevent,
@@ -286,27 +280,3 @@ def setup_runtime(
             f"Triton runtime ready in {venv} (python {pyver}, numpy {info['numpy']}, onnxruntime {info['onnxruntime']})"
         )
         return find_runtime(venv)
-
-
-_MOVED = {
-    "TritonProcess": "vision.triton.process",
-    "free_ports": "vision.triton.process",
-    "model_failures": "vision.triton.process",
-}
-
-
-def __getattr__(name: str) -> Any:
-    # Callers written before the split (loadtest, `vision.cli`) import these from here; resolved lazily
-    # because vision.triton.process imports this module.
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`vision triton` (see vision.triton.cli)."""
-    from vision.triton.cli import main as cli_main
-
-    return cli_main(argv)
