@@ -11,6 +11,8 @@
     vision tag coffee.jpg                # client: tag images (multi-label + hierarchy) through a running server
     vision eval-tags DATASET             # client: multi-label metrics of the Tagging service on labelled images
     vision models                        # client: list served models
+    vision sample-photos --split held-out --count 500 --out held-out/   # augmented real photos, known split
+    vision quantize --model efficientnet_lite0 --calibration DIR --held-out DIR --out int8.onnx  # int8 + report
     vision export-triton --model efficientnet_lite0 --repository repo  # ONNX model + config.pbtxt for Triton
     vision triton --repository repo      # local tritonserver on 127.0.0.1 (sets its runtime up on first use)
     vision loadtest --help               # closed-loop load generator and raw-model baseline
@@ -313,6 +315,7 @@ def _models(args: argparse.Namespace) -> int:
         outputs = ",".join(o.name for o in m.outputs)
         print(
             f"{m.name}:{m.version}  arch={m.architecture} task={m.task} labels={m.num_labels}{tags} backend={m.backend} "
+            f"precision={m.precision or 'fp32'} "
             f"preset={p.preset}({p.resize_shorter}->{p.crop_size}) sha256={weights} outputs={outputs} "
             f"services={','.join(services)}"
         )
@@ -354,6 +357,42 @@ def _export_triton(args: argparse.Namespace) -> int:
         print(f"vision export-triton: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
+    return 0
+
+
+def _sample_photos(args: argparse.Namespace) -> int:
+    from vision.photos import write_set
+
+    try:
+        written = write_set(args.split, args.count, args.out, seed=args.seed)
+    except (OSError, FileNotFoundError) as exc:
+        print(f"vision sample-photos: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(written)} {args.split} images to {args.out}")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from vision.errors import ConfigurationError
+    from vision.quantize import QuantizeOptions, format_report, quantize_model
+    from vision.settings import ModelConfig
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = ModelConfig.parse_spec(args.model)
+        if config.registry:
+            raise ConfigurationError("--model takes a model spec (arch=..., onnx=...), not a registry URI")
+        exclude = tuple(x.strip() for x in (args.exclude or "").split(",") if x.strip())
+        options = QuantizeOptions(method=args.method, exclude=exclude, batch_size=args.batch_size)
+        report = quantize_model(config, args.calibration, args.out, options=options, held_out_dir=args.held_out,
+                                threads=args.threads, speed_seconds=args.speed_seconds)
+    except (ConfigurationError, ValueError) as exc:
+        print(f"vision quantize: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(format_report(report))
     return 0
 
 
@@ -586,6 +625,41 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--instances", type=int, default=1, help="instance_group count (default 1)")
     export.add_argument("--tensorrt", action="store_true", help="gpu flavour: add the TensorRT accelerator (FP16)")
     export.set_defaults(func=_export_triton)
+
+    photos_cmd = sub.add_parser(
+        "sample-photos",
+        help="write augmented real photos (scikit-image, matplotlib) for calibration or a held-out set",
+        description="Random crops, flips and colour changes of the sample photos that ship with scikit-image and "
+        "matplotlib. The calibration and held-out splits never share a source photo; the same seed writes the same files.",
+    )
+    photos_cmd.add_argument("--split", choices=["calibration", "held-out"], required=True)
+    photos_cmd.add_argument("--count", type=int, default=96, help="images to write (default 96)")
+    photos_cmd.add_argument("--out", type=Path, required=True, help="folder to write JPEG files into")
+    photos_cmd.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    photos_cmd.set_defaults(func=_sample_photos)
+
+    quant = sub.add_parser(
+        "quantize",
+        help="write an int8 ONNX model (ONNX Runtime static quantization) and report its agreement and speed",
+        description="Calibrates activation ranges by running the model's own preprocessing over --calibration, "
+        "writes a QDQ int8 model (per-channel int8 weights, uint8 activations), then reports top-1 agreement, "
+        "top-5 overlap and mean KL divergence against the float model on --held-out, and the forward speed of both. "
+        "Serve the result with `vision serve --model arch=ARCH,name=NAME,onnx=FILE`. See docs/int8.md.",
+    )
+    quant.add_argument("--model", required=True, metavar="SPEC", help="model spec, as `vision serve --model` takes it")
+    quant.add_argument("--calibration", type=Path, required=True, help="folder of calibration images (about 100 is plenty)")
+    quant.add_argument("--out", type=Path, required=True, help="int8 ONNX file to write")
+    quant.add_argument("--held-out", type=Path, help="folder of images for the agreement report (none shared with --calibration)")
+    quant.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax",
+                       help="activation range calibration (default minmax: as good as the others here, and fastest; docs/int8.md)")
+    quant.add_argument("--exclude", default="stem,head", metavar="NODES",
+                       help="comma-separated nodes kept in float: 'stem' (first conv), 'head' (classifier) or node names "
+                       "(default stem,head; '' quantizes everything)")
+    quant.add_argument("--batch-size", type=int, default=8, help="calibration and speed-test batch (default 8)")
+    quant.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for the report (default 2)")
+    quant.add_argument("--speed-seconds", type=float, default=3.0, help="seconds per speed round, 0 to skip (default 3)")
+    quant.add_argument("--json", action="store_true", help="print the report as JSON")
+    quant.set_defaults(func=_quantize)
 
     sub.add_parser("triton", help="run the local Triton server; `vision triton --help`", add_help=False)
     sub.add_parser("loadtest", help="load generator; `vision loadtest --help` for its options", add_help=False)

@@ -98,6 +98,7 @@ def model_card(config: ModelConfig, settings: ServeSettings) -> tuple[ModelCard,
     if random_weights:
         log.warning("model %s serves seeded RANDOM weights (weights=random)", config.served_name)
     task = "features" if feature_extractor else (config.task or defaults.task)
+    precision = _precision(config, backend)
     signature = entry.signature(num_classes)
     card = ModelCard(
         name=config.served_name,
@@ -115,8 +116,26 @@ def model_card(config: ModelConfig, settings: ServeSettings) -> tuple[ModelCard,
         tagger=None if feature_extractor else _load_tagger(config, defaults.task, labels, labels_source, label_vocabulary),
         whitenings=_load_whitenings(config),
         delf=_load_delf(config, signature),
+        precision=precision,
     )
     return card, weights
+
+
+def _precision(config: ModelConfig, backend: str) -> str:
+    """The precision of the graph a spec serves: its `onnx=` file's, else float32 (every export is)."""
+    if config.onnx is None or not Path(config.onnx).is_file():
+        return "fp32"
+    from vision.quantize import precision_of
+
+    precision = precision_of(Path(config.onnx))
+    if precision != "fp32" and backend == "torch":
+        # The torch backend runs the float weights, not the ONNX file: it would serve another model than
+        # the one named, and report the wrong precision.
+        raise ConfigurationError(
+            f"model {config.served_name!r}: {config.onnx} is a {precision} ONNX model; serve it with backend=onnxruntime "
+            "(or Triton), the torch backend would run the float weights instead"
+        )
+    return precision
 
 
 def _load_delf(config: ModelConfig, signature: object):  # noqa: ANN202 - DelfModel | None

@@ -68,6 +68,8 @@ class ModelCard:
     registry: RegistryStatus | None = field(default=None, compare=False)
     # How the model extracts DELF keypoints (layer, attention or L2-norm scores, PCA); None when it cannot.
     delf: DelfModel | None = None
+    # What the served graph computes in: "fp32", "fp16", or "int8" for a quantized ONNX file.
+    precision: str = "fp32"
 
     @property
     def num_labels(self) -> int:

@@ -26,6 +26,24 @@ def _providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def open_session(model_path: Path, *, device: str = "cpu", threads: int = 1, spin_wait: bool = False):  # noqa: ANN201
+    """An ONNX Runtime session set up as serving runs it (the quantizer's speed report uses the same)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spin_wait:
+        # Idle intra-op threads busy-wait by default; in a server they would steal the cores that decode
+        # images and run gRPC. Off: +10% img/s at 16 clients on 2 cores (measured, see README).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(model_path), options, providers=_providers(device))
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        raise ConfigurationError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
+
+
 class OnnxRuntimeBackend(LocalBatchedBackend, InferenceBackend):
     kind = "onnxruntime"
 
@@ -41,20 +59,7 @@ class OnnxRuntimeBackend(LocalBatchedBackend, InferenceBackend):
         on_queue_depth: Callable[[int], None] | None = None,
         name: str = "model",
     ) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if not spin_wait:
-            # Idle intra-op threads busy-wait by default; in a server they would steal the cores that decode
-            # images and run gRPC. Off: +10% img/s at 16 clients on 2 cores (measured, see README).
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self._session = ort.InferenceSession(str(model_path), options, providers=_providers(device))
-        except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise ConfigurationError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
+        self._session = open_session(model_path, device=device, threads=threads, spin_wait=spin_wait)
         self._input_name = self._session.get_inputs()[0].name
         self.output_names = tuple(o.name for o in self._session.get_outputs())
         self._init_batching(

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--expect-like", metavar="VERSION",
                      help="copy VERSION's golden set: this version must answer like it (a re-export, another precision)")
     reg.add_argument("--tolerance", type=float, help="gate tolerance on outputs, relative to their scale (default 1e-3)")
+    reg.add_argument("--min-agreement", type=float, metavar="FRACTION",
+                     help="a version in another precision than --expect-like's (an int8 export): the share of golden "
+                     "images whose top-1 must equal the reference's (default 0.99, i.e. all of a small golden set)")
     reg.add_argument("--run-id", help="the MLflow run that produced the weights (lineage); default: a new run")
     reg.add_argument("--job-id", help="lineage: the training job id")
     reg.add_argument("--base-model", help="lineage: what was fine-tuned (e.g. models:/lite/1 or efficientnet_lite0)")
@@ -133,6 +136,7 @@ def _register(args: argparse.Namespace) -> int:
     store = _store(args)
     info = store.register(
         args.name, config, golden_images=golden, expect_like=args.expect_like, tolerance=args.tolerance,
+        min_agreement=args.min_agreement,
         run_id=args.run_id, description=args.description, lineage=lineage, extra=extra,
     )
     if args.promote:

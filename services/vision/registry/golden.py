@@ -14,6 +14,11 @@ passes only when every image gives the recorded answer:
 - tag sets equal, except a tag whose score is within `tag_margin` of its threshold (a borderline tag can
   flip with float rounding between engines).
 Engines running the same weights agree to about 1e-5 here; the default tolerance is 1e-3.
+
+A version in another precision (an int8 export registered `--expect-like` its float version) cannot meet
+that tolerance by design. Its golden set carries `min_top1_agreement` instead: the gate then passes when the
+share of golden images whose top-1 equals the recorded float top-1 reaches it (0.99 by default: with a
+handful of golden images, every one), and reports top-5 overlap and softmax KL divergence alongside.
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ class Golden:
     tag_margin: float = DEFAULT_TAG_MARGIN
     # Where the expected outputs come from: "self" (this version's export) or "NAME/VERSION" (expect_like).
     reference: str = "self"
+    # Set for a version in a lower precision than its reference: top-1 agreement replaces the tolerance.
+    min_top1_agreement: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     def save(self, root: Path) -> list[Path]:
@@ -96,6 +103,7 @@ class Golden:
             "tolerance": self.tolerance,
             "tag_margin": self.tag_margin,
             "reference": self.reference,
+            **({"min_top1_agreement": self.min_top1_agreement} if self.min_top1_agreement is not None else {}),
             **self.meta,
         }
         (folder / GOLDEN_JSON).write_text(json.dumps(doc, indent=2) + "\n")
@@ -113,7 +121,8 @@ class Golden:
             images = [(name.split("-", 1)[-1], (folder / name).read_bytes()) for name in doc["images"]]
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigurationError(f"golden set under {folder} is unreadable: {exc}") from None
-        extra = {k: v for k, v in doc.items() if k not in ("images", "outputs", "top1", "tags", "tolerance", "tag_margin", "reference")}
+        known = ("images", "outputs", "top1", "tags", "tolerance", "tag_margin", "reference", "min_top1_agreement")
+        extra = {k: v for k, v in doc.items() if k not in known}
         return cls(
             images=images,
             outputs=outputs,
@@ -122,6 +131,7 @@ class Golden:
             tolerance=float(doc.get("tolerance", DEFAULT_TOLERANCE)),
             tag_margin=float(doc.get("tag_margin", DEFAULT_TAG_MARGIN)),
             reference=str(doc.get("reference", "self")),
+            min_top1_agreement=float(doc["min_top1_agreement"]) if doc.get("min_top1_agreement") is not None else None,
             meta=extra,
         )
 
@@ -192,6 +202,8 @@ def _tags(tagger: "Tagger", logits: np.ndarray) -> list[list[tuple[int, float]]]
 
 def compare(golden: Golden, outputs: dict[str, np.ndarray], tagger: "Tagger | None" = None) -> list[str]:
     """Why `outputs` (of the golden images) do not match the golden set; empty when they do."""
+    if golden.min_top1_agreement is not None:
+        return _compare_agreement(golden, outputs)
     problems: list[str] = []  # outputs off tolerance
     answers: list[str] = []  # what a caller would see differ: top-1, tags (listed first)
     names = [name for name, _ in golden.images]
@@ -230,6 +242,23 @@ def compare(golden: Golden, outputs: dict[str, np.ndarray], tagger: "Tagger | No
             if flipped:
                 answers.append(f"{names[i]}: tag set differs in labels {sorted(flipped)[:8]}")
     return answers + problems
+
+
+def _compare_agreement(golden: Golden, outputs: dict[str, np.ndarray]) -> list[str]:
+    from vision.quantize import agreement
+
+    want, got = golden.outputs.get(LOGITS), outputs.get(LOGITS)
+    if want is None:
+        return ["an agreement gate needs recorded logits (the reference has no classifier head)"]
+    if got is None or np.shape(got) != want.shape:
+        return [f"output 'logits' is missing or has shape {np.shape(got)}, recorded {want.shape}"]
+    if not np.isfinite(got).all():
+        return ["logits are not finite"]
+    result = agreement(want, np.asarray(got, np.float32), [name for name, _ in golden.images])
+    if result.top1_agreement >= golden.min_top1_agreement:  # type: ignore[operator]
+        return []
+    changed = "; ".join(f"{name}: top-1 is class {new}, {golden.reference} says {old}" for name, old, new in result.changed[:4])
+    return [f"{result.summary()} against {golden.reference}, below the required {golden.min_top1_agreement:.0%}: {changed}"]
 
 
 async def gate(model: "ServedModel", golden: Golden) -> None:

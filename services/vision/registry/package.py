@@ -31,6 +31,7 @@ from typing import Any
 
 from vision.errors import ConfigurationError
 from vision.files import sha256_file
+from vision.quantize import MIN_TOP1_AGREEMENT
 from vision.registry.golden import DEFAULT_TOLERANCE, Golden, prepare_images, record, run_onnx
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def build(
     golden_images: Sequence[tuple[str, bytes]] | None = None,
     expect_like: Path | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    min_agreement: float | None = None,
     extra: Mapping[str, Path] | None = None,
     settings: Any = None,
 ) -> Package:
@@ -82,6 +84,8 @@ def build(
     Golden outputs are recorded on `golden_images` (default: scikit-image's photos) with the version's own
     export, unless `expect_like` names the package folder of another version: then that version's golden
     set is copied, and this version must answer like it (a re-export, an engine or precision change).
+    A version in another precision than that one (an int8 export of a float model) is held to top-1
+    agreement with it (`min_agreement`, default 0.99) instead of the output tolerance; it needs `expect_like`.
     """
     from vision.loading import model_card
     from vision.registry import golden as golden_mod
@@ -141,6 +145,13 @@ def build(
         golden = Golden.load(expect_like)
         reference = json.loads((expect_like / CARD).read_text())
         golden.reference = f"{reference.get('registered_name', '?')}/{reference.get('registered_version', '?')}"
+        if card.precision != reference.get("precision", "fp32"):
+            golden.min_top1_agreement = MIN_TOP1_AGREEMENT if min_agreement is None else min_agreement
+    elif card.precision != "fp32":
+        raise ConfigurationError(
+            f"a {card.precision} model is registered against its float version, whose golden outputs it must agree "
+            "with: give --expect-like VERSION"
+        )
     else:
         images = prepare_images(golden_images if golden_images is not None else golden_mod.default_images())
         golden = record(images, run_onnx(out / ONNX, images, card), card, tolerance=tolerance)
@@ -206,6 +217,7 @@ def _card(card: Any, random_weights: bool, golden: Golden) -> dict[str, Any]:
         "num_classes": signature.num_classes,
         "num_labels": card.num_labels,
         "can_tag": card.tagger is not None,
+        "precision": card.precision,
         "preset": {
             "name": preset.name, "resize_shorter": preset.resize_shorter, "crop_size": preset.crop_size,
             "mean": list(preset.mean), "std": list(preset.std), "channel_order": preset.channel_order,
@@ -219,7 +231,7 @@ def _card(card: Any, random_weights: bool, golden: Golden) -> dict[str, Any]:
         "random_weights": random_weights,
         "metrics": dict(card.metrics),
         "golden": {"images": len(golden.images), "reference": golden.reference, "tolerance": golden.tolerance,
-                   "top1": golden.top1},
+                   "top1": golden.top1, "min_top1_agreement": golden.min_top1_agreement},
         "tools": tools,
     }
 

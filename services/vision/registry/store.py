@@ -247,6 +247,7 @@ class RegistryStore:
         golden_images: Sequence[tuple[str, bytes]] | None = None,
         expect_like: str | int | None = None,
         tolerance: float | None = None,
+        min_agreement: float | None = None,
         run_id: str | None = None,
         description: str = "",
         lineage: Mapping[str, str] | None = None,
@@ -268,7 +269,7 @@ class RegistryStore:
                 reference_dir = self.download(name, expect_like, Path(tmp) / "reference").root
             package = pkg.build(
                 config, Path(tmp) / "model", golden_images=golden_images, expect_like=reference_dir,
-                tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance, extra=extra,
+                tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance, min_agreement=min_agreement, extra=extra,
             )
             if run_id:
                 self._call(f"run {run_id!r}", lambda: self.client.get_run(run_id))
@@ -292,6 +293,7 @@ class RegistryStore:
         tags.update({f"vision.{k}": v for k, v in lineage.items()})
         tags["vision.arch"] = str(package.spec["arch"])
         tags["vision.format"] = str(pkg.FORMAT)
+        tags["vision.precision"] = str(package.card.get("precision", "fp32"))
         if expect_like is not None:
             tags["vision.expect_like"] = str(expect_like)
         self._ensure_registered_model(name)

@@ -21,6 +21,7 @@ def model_info(card: ModelCard, *, full: bool = False) -> common_pb2.ModelInfo:
         info.task = card.task
         info.num_tag_labels = len(card.tagger) if card.tagger is not None else 0
         info.random_weights = card.random_weights
+        info.precision = card.precision
         signature = card.signature
         for name in signature.outputs:
             if signature.is_map(name):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16vision/v1/common.proto\x12\tvision.v1\"$\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\".\n\rModelSelector\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"|\n\rPreprocessing\x12\x0e\n\x06preset\x18\x01 \x01(\t\x12\x16\n\x0eresize_shorter\x18\x02 \x01(\x05\x12\x11\n\tcrop_size\x18\x03 \x01(\x05\x12\x0c\n\x04mean\x18\x04 \x03(\x02\x12\x0b\n\x03std\x18\x05 \x03(\x02\x12\x15\n\rchannel_order\x18\x06 \x01(\t\"\xd7\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nnum_labels\x18\x04 \x01(\x05\x12/\n\rpreprocessing\x18\x05 \x01(\x0b\x32\x18.vision.v1.Preprocessing\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x07 \x01(\t\x12\x0c\n\x04task\x18\x08 \x01(\t\x12\x16\n\x0enum_tag_labels\x18\t \x01(\x05\x12\x16\n\x0erandom_weights\x18\n \x01(\x08\x12&\n\x07outputs\x18\x0b \x03(\x0b\x32\x15.vision.v1.OutputInfo\x12\x30\n\x0einput_geometry\x18\x0c \x01(\x0b\x32\x18.vision.v1.InputGeometry\x12\x32\n\x07metrics\x18\r \x03(\x0b\x32!.vision.v1.ModelInfo.MetricsEntry\x12+\n\x08registry\x18\x0e \x01(\x0b\x32\x19.vision.v1.RegistryStatus\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xd7\x01\n\x0eRegistryStatus\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x15\n\ralias_version\x18\x03 \x01(\t\x12\x17\n\x0fserving_version\x18\x04 \x01(\t\x12\x17\n\x0frefused_version\x18\x05 \x01(\t\x12\x15\n\rrefused_check\x18\x06 \x01(\t\x12\x16\n\x0erefused_reason\x18\x07 \x01(\t\x12\x12\n\nchecked_at\x18\x08 \x01(\x01\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0e\n\x06run_id\x18\n \x01(\t\"<\n\nOutputInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\x05\x12\x0e\n\x06stride\x18\x03 \x01(\x05\"F\n\rInputGeometry\x12\x11\n\tcrop_size\x18\x01 \x01(\x05\x12\x10\n\x08variable\x18\x02 \x01(\x08\x12\x10\n\x08max_side\x18\x03 \x01(\x05\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.vision.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16vision/v1/common.proto\x12\tvision.v1\"$\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\".\n\rModelSelector\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"|\n\rPreprocessing\x12\x0e\n\x06preset\x18\x01 \x01(\t\x12\x16\n\x0eresize_shorter\x18\x02 \x01(\x05\x12\x11\n\tcrop_size\x18\x03 \x01(\x05\x12\x0c\n\x04mean\x18\x04 \x03(\x02\x12\x0b\n\x03std\x18\x05 \x03(\x02\x12\x15\n\rchannel_order\x18\x06 \x01(\t\"\xea\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nnum_labels\x18\x04 \x01(\x05\x12/\n\rpreprocessing\x18\x05 \x01(\x0b\x32\x18.vision.v1.Preprocessing\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x07 \x01(\t\x12\x0c\n\x04task\x18\x08 \x01(\t\x12\x16\n\x0enum_tag_labels\x18\t \x01(\x05\x12\x16\n\x0erandom_weights\x18\n \x01(\x08\x12&\n\x07outputs\x18\x0b \x03(\x0b\x32\x15.vision.v1.OutputInfo\x12\x30\n\x0einput_geometry\x18\x0c \x01(\x0b\x32\x18.vision.v1.InputGeometry\x12\x32\n\x07metrics\x18\r \x03(\x0b\x32!.vision.v1.ModelInfo.MetricsEntry\x12+\n\x08registry\x18\x0e \x01(\x0b\x32\x19.vision.v1.RegistryStatus\x12\x11\n\tprecision\x18\x0f \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xd7\x01\n\x0eRegistryStatus\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x15\n\ralias_version\x18\x03 \x01(\t\x12\x17\n\x0fserving_version\x18\x04 \x01(\t\x12\x17\n\x0frefused_version\x18\x05 \x01(\t\x12\x15\n\rrefused_check\x18\x06 \x01(\t\x12\x16\n\x0erefused_reason\x18\x07 \x01(\t\x12\x12\n\nchecked_at\x18\x08 \x01(\x01\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0e\n\x06run_id\x18\n \x01(\t\"<\n\nOutputInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\x05\x12\x0e\n\x06stride\x18\x03 \x01(\x05\"F\n\rInputGeometry\x12\x11\n\tcrop_size\x18\x01 \x01(\x05\x12\x10\n\x08variable\x18\x02 \x01(\x08\x12\x10\n\x08max_side\x18\x03 \x01(\x05\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.vision.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,17 +40,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREPROCESSING']._serialized_start=123
   _globals['_PREPROCESSING']._serialized_end=247
   _globals['_MODELINFO']._serialized_start=250
-  _globals['_MODELINFO']._serialized_end=721
-  _globals['_MODELINFO_METRICSENTRY']._serialized_start=675
-  _globals['_MODELINFO_METRICSENTRY']._serialized_end=721
-  _globals['_REGISTRYSTATUS']._serialized_start=724
-  _globals['_REGISTRYSTATUS']._serialized_end=939
-  _globals['_OUTPUTINFO']._serialized_start=941
-  _globals['_OUTPUTINFO']._serialized_end=1001
-  _globals['_INPUTGEOMETRY']._serialized_start=1003
-  _globals['_INPUTGEOMETRY']._serialized_end=1073
-  _globals['_LISTMODELSREQUEST']._serialized_start=1075
-  _globals['_LISTMODELSREQUEST']._serialized_end=1094
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1096
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1154
+  _globals['_MODELINFO']._serialized_end=740
+  _globals['_MODELINFO_METRICSENTRY']._serialized_start=694
+  _globals['_MODELINFO_METRICSENTRY']._serialized_end=740
+  _globals['_REGISTRYSTATUS']._serialized_start=743
+  _globals['_REGISTRYSTATUS']._serialized_end=958
+  _globals['_OUTPUTINFO']._serialized_start=960
+  _globals['_OUTPUTINFO']._serialized_end=1020
+  _globals['_INPUTGEOMETRY']._serialized_start=1022
+  _globals['_INPUTGEOMETRY']._serialized_end=1092
+  _globals['_LISTMODELSREQUEST']._serialized_start=1094
+  _globals['_LISTMODELSREQUEST']._serialized_end=1113
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1115
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1173
 # @@protoc_insertion_point(module_scope)

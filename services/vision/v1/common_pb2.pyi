@@ -39,7 +39,7 @@ class Preprocessing(_message.Message):
     def __init__(self, preset: _Optional[str] = ..., resize_shorter: _Optional[int] = ..., crop_size: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., channel_order: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "architecture", "num_labels", "preprocessing", "backend", "weights_sha256", "task", "num_tag_labels", "random_weights", "outputs", "input_geometry", "metrics", "registry")
+    __slots__ = ("name", "version", "architecture", "num_labels", "preprocessing", "backend", "weights_sha256", "task", "num_tag_labels", "random_weights", "outputs", "input_geometry", "metrics", "registry", "precision")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class ModelInfo(_message.Message):
     INPUT_GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     REGISTRY_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     architecture: str
@@ -75,7 +76,8 @@ class ModelInfo(_message.Message):
     input_geometry: InputGeometry
     metrics: _containers.ScalarMap[str, float]
     registry: RegistryStatus
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., num_labels: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., backend: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., task: _Optional[str] = ..., num_tag_labels: _Optional[int] = ..., random_weights: _Optional[bool] = ..., outputs: _Optional[_Iterable[_Union[OutputInfo, _Mapping]]] = ..., input_geometry: _Optional[_Union[InputGeometry, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., registry: _Optional[_Union[RegistryStatus, _Mapping]] = ...) -> None: ...
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., num_labels: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., backend: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., task: _Optional[str] = ..., num_tag_labels: _Optional[int] = ..., random_weights: _Optional[bool] = ..., outputs: _Optional[_Iterable[_Union[OutputInfo, _Mapping]]] = ..., input_geometry: _Optional[_Union[InputGeometry, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., registry: _Optional[_Union[RegistryStatus, _Mapping]] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class RegistryStatus(_message.Message):
     __slots__ = ("uri", "alias", "alias_version", "serving_version", "refused_version", "refused_check", "refused_reason", "checked_at", "error", "run_id")
