@@ -190,3 +190,42 @@ def test_registry_gate_accepts_int8_and_refuses_a_bad_calibration(quantized, exp
     assert store.resolve("models:/lite@production") == "2", "the alias stays on the good int8 version"
     package = store.download("lite", "2", tmp_path / "v2")
     assert package.card["precision"] == "int8" and Golden.load(package.root).min_top1_agreement == 0.99
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tritonserver binary is Linux-only")
+def test_int8_runs_behind_triton_like_in_process(quantized, photos, tmp_path):
+    """`vision export-triton` writes the int8 file as it is; Triton's answers equal the in-process int8 engine's."""
+    import tritonclient.grpc as triton_grpc
+
+    from vision.backends.onnx_backend import open_session
+    from vision.imaging import PRESETS, load_image
+    from vision.triton import TritonProcess, setup_runtime
+
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    spec_int8 = f"arch={ARCH},name=lite_int8,onnx={quantized['path']}"
+    export = _vision("export-triton", "--model", spec_int8, "--repository", str(repository))
+    assert export.returncode == 0, export.stderr
+    assert (repository / "lite_int8" / "1" / "model.onnx").read_bytes() == quantized["path"].read_bytes()
+    triton = TritonProcess(repository, runtime=setup_runtime(), log_path=tmp_path / "triton.log").start()
+    service = None
+    try:
+        batch = np.stack([load_image(photos[n], PRESETS["torchvision"]) for n in ("coffee.jpg", "chelsea.png")])
+        client = triton_grpc.InferenceServerClient(triton.grpc_address)
+        tensor = triton_grpc.InferInput("images", list(batch.shape), "FP32")
+        tensor.set_data_from_numpy(batch)
+        remote = client.infer("lite_int8", [tensor], outputs=[triton_grpc.InferRequestedOutput("logits")]).as_numpy("logits")
+        local = open_session(quantized["path"]).run(["logits"], {"images": batch})[0]
+        assert np.abs(remote - local).max() <= 1e-4
+        service = ServerProcess(["--services", "classification", "--triton-url", triton.grpc_address,
+                                 "--model", f"{spec_int8},backend=triton"], tmp_path / "serve.log").wait_ready()
+        with grpc.insecure_channel(service.address) as channel:
+            stub = classification_pb2_grpc.ClassificationStub(channel)
+            (info,) = stub.ListModels(common_pb2.ListModelsRequest(), timeout=30).models
+            assert (info.backend, info.precision) == ("triton", "int8")
+            response = stub.Classify(classify_request(photos["coffee.jpg"], model="lite_int8"), timeout=60)
+            assert response.results[0].predictions[0].index == 967
+    finally:
+        if service is not None:
+            service.stop()
+        triton.stop()

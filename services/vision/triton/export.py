@@ -52,10 +52,14 @@ def export_model(
     tensorrt: bool = False,
     intra_op_threads: int | None = None,
     overwrite: bool = False,
+    onnx_file: Path | None = None,
 ) -> Path:
     """Build `arch` with a `num_classes` head and `weights` (None: seeded random initialisation), export it
     with every output of its signature (parity-checked against torch by `export_onnx`), and write it as
-    `version` of `name` in `repository`. Returns the model's directory."""
+    `version` of `name` in `repository`. Returns the model's directory.
+
+    `onnx_file` is written as it is instead (an int8 model from `vision quantize`): its outputs are checked
+    against the signature, and with `tensorrt` TensorRT builds it in INT8 from its explicit Q/DQ scales."""
     from vision.backends.torch_backend import run_on_torch_thread
     from vision.export import export_onnx
     from vision.models import create_model, get_architecture, with_outputs
@@ -64,13 +68,20 @@ def export_model(
     inputs, outputs = triton_specs(signature)
     with tempfile.TemporaryDirectory(prefix="vision-export-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
+        precision = "FP16"
+        if onnx_file is not None:
+            from vision.quantize import precision_of
 
-        def export() -> None:
-            module = create_model(arch, num_classes=num_classes, weights=weights, pretrained=False)
-            export_onnx(with_outputs(arch, module, num_classes), onnx_path, signature=signature)
+            onnx_path = Path(onnx_file)
+            precision = "INT8" if precision_of(onnx_path) == "int8" else "FP16"
+        else:
 
-        # On the process's torch thread, like every torch call here (see vision.backends.torch_backend).
-        run_on_torch_thread(export)
+            def export() -> None:
+                module = create_model(arch, num_classes=num_classes, weights=weights, pretrained=False)
+                export_onnx(with_outputs(arch, module, num_classes), onnx_path, signature=signature)
+
+            # On the process's torch thread, like every torch call here (see vision.backends.torch_backend).
+            run_on_torch_thread(export)
         return write_model(
             repository,
             name,
@@ -84,6 +95,7 @@ def export_model(
             max_queue_delay_us=max_queue_delay_us,
             instances=instances,
             tensorrt=tensorrt,
+            tensorrt_precision=precision,  # type: ignore[arg-type]
             intra_op_threads=intra_op_threads,
             overwrite=overwrite,
         )
@@ -101,7 +113,8 @@ def export_to_triton(
     tensorrt: bool = False,
 ) -> Path:
     """Export the model `config` describes (weights, labels -> head width) and write it into `repository`
-    under `config.triton_model or served name`, version `config.version`. Returns the model's directory."""
+    under `config.triton_model or served name`, version `config.version`; a spec with `onnx=FILE` (an int8
+    model) is written as that file. Returns the model's directory."""
     from vision.errors import ConfigurationError
     from vision.loading import head_width, resolve_weights
 
@@ -116,7 +129,8 @@ def export_to_triton(
         num_classes=num_classes,
         # The export builds the module here, so it needs the weights a local engine would load (for
         # backend "triton" resolve_weights answers None: Triton holds the weights).
-        weights=resolve_weights(config, "torch"),
+        weights=None if config.onnx else resolve_weights(config, "torch"),
+        onnx_file=config.onnx,
         flavour=flavour,
         max_batch_size=max_batch_size,
         preferred_batch_sizes=preferred_batch_sizes,
