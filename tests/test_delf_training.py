@@ -83,3 +83,35 @@ def test_demo_data_command_and_bad_datasets(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "one"), "--out", str(tmp_path / "run")]) == 2
     assert "at least two class folders" in capsys.readouterr().err
     assert main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]) == 2
+
+
+def test_a_checkpointed_run_interrupted_in_stage_2_resumes_where_it_stopped(tmp_path):
+    # The Jobs trainer's resume (training.delf.run_job): a redelivered job finds the last epoch's checkpoint.
+    make_demo_dataset(tmp_path / "data", classes=2, per_class=3, size=64, pattern=16, seed=0)
+
+    def config(out: str) -> TrainConfig:
+        return TrainConfig(tmp_path / "data", tmp_path / out, image_size=64, batch_size=6, stage1_epochs=1,
+                           stage2_epochs=2, optimizer="adam", stage1_lr=1e-4, stage2_lr=3e-3, seed=0)
+
+    class Killed(Exception):
+        pass
+
+    def die_after_stage2_epoch1(entry: dict) -> None:
+        if (entry["stage"], entry["epoch"]) == (2, 1):
+            raise Killed
+
+    with torch.random.fork_rng(devices=[]):
+        straight = train(config("straight"))
+        checkpoint = tmp_path / "resumed" / "last.pt"
+        with pytest.raises(Killed):
+            train(config("resumed"), on_epoch=die_after_stage2_epoch1, checkpoint=checkpoint)
+        epochs_run: list[tuple[int, int]] = []
+        resumed = train(config("resumed"), on_epoch=lambda e: epochs_run.append((e["stage"], e["epoch"])),
+                        checkpoint=checkpoint)
+    assert epochs_run == [(2, 2)]  # only the epoch that was left
+    assert [(h["stage"], h["epoch"]) for h in resumed.history] == [(1, 1), (2, 1), (2, 2)]
+    np.testing.assert_allclose([h["loss"] for h in resumed.history], [h["loss"] for h in straight.history], rtol=1e-5)
+    a = torch.load(straight.files["delf"], weights_only=False)["state_dict"]
+    b = torch.load(resumed.files["delf"], weights_only=False)["state_dict"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)

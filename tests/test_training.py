@@ -496,6 +496,36 @@ def test_retrieval_reports_map_before_and_after_and_registers_a_feature_extracto
     print(f"\nretrieval fine-tune: held-out mAP before {before:.1f}, after {after:.1f}; train img/s {ips}")
 
 
+def test_delf_trains_both_stages_as_a_job_and_registers_an_extractor(env, tmp_path):
+    from training.delf import make_demo_dataset
+
+    make_demo_dataset(tmp_path / "demo", classes=2, per_class=4, size=96, pattern=24)
+    job_id = _finetune(
+        env, "--task", "delf", "--data", str(tmp_path / "demo"), "--base", "arch=delf_resnet50,weights=random",
+        "--name", "delf-demo", "--epochs", "2", "--batch-size", "8", "--lr", "1e-4",
+    )
+    final = wait_job(env["jobs"], job_id, 600)
+    assert final.state == jobs_pb2.JOB_STATE_SUCCEEDED, final.message + env["worker"].log()[-4000:]
+    assert final.epoch == 2 and final.epochs == 2
+    assert (final.result["epochs"], final.result["stage1_epochs"], final.result["train_images"]) == ("2", "1", "8")
+    history = json.loads(Path(final.result["metrics"]).read_text())["history"]
+    assert [(h["stage"], h["epoch"]) for h in history] == [(1, 1), (2, 1)]
+    assert all(np.isfinite(h["loss"]) and 0 <= h["accuracy"] <= 1 for h in history)
+    assert float(final.result["stage2_loss"]) == pytest.approx(history[1]["loss"], abs=1e-4)
+    assert "stage2_loss" in final.metrics and Path(final.result["checkpoint"]).is_file()
+    from vision.registry.store import RegistryStore
+
+    store = RegistryStore(env["registry"], env["artifacts"])
+    info = store.version("delf-demo", final.result["registered_version"])
+    package = store.download("delf-demo", info.version, tmp_path / "pkg")
+    assert package.spec["arch"] == "delf_resnet50" and package.card["num_classes"] == 0
+    assert [o["name"] for o in package.card["outputs"]] == ["embedding", "attention", "layer3"]
+    # Per-epoch metrics in the job's MLflow run, step = the job's epoch over both stages.
+    client = store.client
+    steps = [m.step for m in client.get_metric_history(final.result["run_id"], "loss")]
+    assert sorted(steps) == [1, 2]
+
+
 @pytest.mark.slow
 def test_the_resnext50_multilabel_path(env, downloaded, tmp_path):
     """The issue's default tagging architecture, on a small slice: one epoch, head only, 128-px inputs."""

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,6 +53,9 @@ from vision.models.delf import (
     stage2_parameters,
     stage2_step,
 )
+
+if TYPE_CHECKING:
+    from vision.jobs.runtime import JobRun
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +187,18 @@ class TrainResult:
     files: dict[str, str] = field(default_factory=dict)
 
 
-def _epoch(step: Callable[[torch.Tensor, torch.Tensor], StepResult], data: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
-    """Mean loss and training accuracy (from each step's own forward pass) over one pass of `data`."""
-    results = [step(x, y) for x, y in data]
+def _epoch(
+    step: Callable[[torch.Tensor, torch.Tensor], StepResult],
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[float, float]:
+    """Mean loss and training accuracy (from each step's own forward pass) over one pass of `data`.
+    `on_batch(index, total)` runs before each step (a job's cancel check and progress)."""
+    results = []
+    for index, (x, y) in enumerate(data):
+        if on_batch is not None:
+            on_batch(index, len(data))
+        results.append(step(x, y))
     return float(np.mean([r.loss for r in results])), sum(r.correct for r in results) / sum(r.seen for r in results)
 
 
@@ -202,8 +215,18 @@ def _save(path: Path, module: torch.nn.Module, **meta: object) -> str:
     return str(path)
 
 
-def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
-    """Both stages; files in `config.out`. Deterministic for a seed (one thread's worth of torch)."""
+def train(
+    config: TrainConfig,
+    *,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    checkpoint: Path | None = None,
+) -> TrainResult:
+    """Both stages; files in `config.out`. Deterministic for a seed (one thread's worth of torch).
+
+    With `checkpoint`, the state after every epoch (weights, both classifiers, the optimizer, the history and
+    every random generator) is written there atomically, and a run that finds one continues after its last
+    epoch, as the Jobs trainer resumes a redelivered job, with the same epoch count."""
     dataset = FolderDataset.scan(config.data)
     config.out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(config.seed)
@@ -217,38 +240,61 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, float]], None] |
         load_backbone(model, read_state_dict(config.backbone_weights))
     head = DescriptorClassifier(n_classes)
     result = TrainResult(dataset.classes)
+    opt1 = _optimizer(config.optimizer, stage1_parameters(model, head), config.stage1_lr, config.weight_decay)
+    opt2 = _optimizer(config.optimizer, stage2_parameters(model), config.stage2_lr, config.weight_decay)
+    done = (0, 0)  # (stage, epoch) finished before this run: a resumed job's checkpoint
+    if checkpoint is not None and checkpoint.is_file():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["model"])
+        head.load_state_dict(saved["head"])
+        opt1.load_state_dict(saved["opt1"])
+        opt2.load_state_dict(saved["opt2"])
+        result.history = saved["history"]
+        rng.setstate(saved["rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        done = tuple(saved["done"])
+        log.info("resuming after stage %d epoch %d", *done)
 
     def record(stage: int, epoch: int, loss: float, accuracy: float, started: float) -> None:
         entry = {"stage": stage, "epoch": epoch, "loss": loss, "accuracy": accuracy, "seconds": time.perf_counter() - started}
         result.history.append(entry)
         log.info("stage %d epoch %d: loss %.4f, train accuracy %.3f", stage, epoch, loss, accuracy)
+        if checkpoint is not None:
+            from training.finetune import atomic_save
+
+            atomic_save({"model": model.state_dict(), "head": head.state_dict(), "opt1": opt1.state_dict(),
+                         "opt2": opt2.state_dict(), "history": result.history, "rng": rng.getstate(),
+                         "torch_rng": torch.get_rng_state(), "done": (stage, epoch)}, checkpoint)
         if on_epoch is not None:
             on_epoch(entry)
 
     # Stage 1: fine-tune the trunk through a classifier on its pooled features.
-    opt1 = _optimizer(config.optimizer, stage1_parameters(model, head), config.stage1_lr, config.weight_decay)
     for epoch in range(1, config.stage1_epochs + 1):
+        if done >= (1, epoch):
+            continue
         started = time.perf_counter()
         data = batches(dataset, config.image_size, config.batch_size, rng, augment=config.augment)
-        loss, accuracy = _epoch(lambda x, y: stage1_step(model, head, x, y, opt1), data)
+        loss, accuracy = _epoch(lambda x, y: stage1_step(model, head, x, y, opt1), data, on_batch)
         record(1, epoch, loss, accuracy, started)
-    result.files["stage1"] = _save(config.out / "stage1.pt", model, stage=1, head=head.state_dict(), classes=dataset.classes)
+    if done < (2, 1):  # a run resumed in stage 2 has moved the attention on: stage1.pt was written before
+        result.files["stage1"] = _save(config.out / "stage1.pt", model, stage=1, head=head.state_dict(), classes=dataset.classes)
 
     # Stage 2: the trunk frozen; attention + classifier on attention-pooled features. Without augmentation
     # the trunk's features of every image are computed once.
-    opt2 = _optimizer(config.optimizer, stage2_parameters(model), config.stage2_lr, config.weight_decay)
     cached = None
     if not config.augment and config.stage2_epochs:
         cached = [(frozen_features(model, x), y) for x, y in batches(dataset, config.image_size, config.batch_size, rng, augment=False)]
 
     for epoch in range(1, config.stage2_epochs + 1):
+        if done >= (2, epoch):
+            continue
         started = time.perf_counter()
         if cached is not None:
             rng.shuffle(cached)
             data = cached
         else:
             data = [(frozen_features(model, x), y) for x, y in batches(dataset, config.image_size, config.batch_size, rng, augment=True)]
-        loss, accuracy = _epoch(lambda f, y: stage2_step(model, None, y, opt2, features=f), data)
+        loss, accuracy = _epoch(lambda f, y: stage2_step(model, None, y, opt2, features=f), data, on_batch)
         record(2, epoch, loss, accuracy, started)
     model.eval()
     result.files["model"] = _save(config.out / "model.pt", model, stage=2, classes=dataset.classes)
@@ -262,6 +308,124 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, float]], None] |
     metrics.write_text(json.dumps({"config": {k: str(v) for k, v in asdict(config).items()}, "classes": dataset.classes,
                                    "history": result.history}, indent=2))
     result.files["metrics"] = str(metrics)
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# The Jobs trainer's `delf` task
+# --------------------------------------------------------------------------------------
+
+# Jobs give one learning rate (FinetuneOptions.lr) for stage 1; the attention head starts from nothing and
+# needs a larger one (tests/test_delf_training.py: 1e-4 and 3e-3 with Adam).
+STAGE2_LR_FACTOR = 30.0
+JOB_IMAGE_SIZE = 224
+
+
+def run_job(run: "JobRun") -> dict[str, Any]:
+    """`vision jobs submit-finetune --task delf --base delf_resnet50 ...` (training.finetune dispatches here):
+    both stages on the job's folder-per-class data with the jobs' plumbing: progress and cancel before every
+    batch, a checkpoint after every epoch (a redelivered job resumes from it), per-epoch metrics in the job's
+    MLflow run, then the extractor registered as the next version of the job's name (a feature extractor,
+    `labels=none`: the Delf service serves it with its attention) with golden outputs and lineage.
+
+    Options: `epochs` (both stages, default 4), `head_epochs` (stage 1's share, default half), `lr` (stage 1,
+    Adam, default 1e-4; stage 2 gets STAGE2_LR_FACTOR times it), `batch_size` (16), `seed`."""
+    from training.data import load_data
+    from training.finetune import (
+        log_metrics,
+        pick_device,
+        register_version,
+        registry_store,
+        resolve_base,
+        start_mlflow_run,
+    )
+    from vision import metrics as prom
+    from vision.cpus import available_cpus
+    from vision.jobs.runtime import JobFailed
+    from vision.jobs.worker import check_path
+
+    params, settings = run.params, run.settings
+    given = params.get("options") or {}
+    epochs = int(given.get("epochs", 4))
+    stage1 = int(given.get("head_epochs") or max(1, epochs // 2))
+    if not 1 <= stage1 < epochs:
+        raise JobFailed(f"delf trains two stages: epochs ({epochs}) must exceed head_epochs (stage 1: {stage1})")
+    device = pick_device(given.get("device") or settings.device)
+    if device.type != "cpu":
+        raise JobFailed("delf jobs train on the CPU (training.delf has no device placement yet)")
+    torch.set_num_threads(settings.threads or available_cpus())
+    data = check_path(settings, params["data"], "data")
+    try:
+        dataset = FolderDataset.scan(data)
+    except ValueError as exc:
+        raise JobFailed(str(exc)) from None
+    store = registry_store(settings)
+    work = run.work_dir
+    base = resolve_base(params["base"], store, work)
+    if base.arch != ARCH:
+        raise JobFailed(f"task delf trains {ARCH}; base {params['base']!r} is {base.arch}")
+    lr = float(given.get("lr", 1e-4))
+    config = TrainConfig(
+        data, work / "result", image_size=JOB_IMAGE_SIZE, batch_size=int(given.get("batch_size", 16)),
+        stage1_epochs=stage1, stage2_epochs=epochs - stage1, optimizer="adam", stage1_lr=lr,
+        stage2_lr=lr * STAGE2_LR_FACTOR, backbone_weights=base.weights, seed=int(given.get("seed", 0)),
+    )
+    state_file = work / "checkpoints" / "mlflow.json"  # the run id, kept across redeliveries
+    if state_file.is_file():
+        run_id = json.loads(state_file.read_text())["run_id"]
+    else:
+        run_id = start_mlflow_run(store, run, "delf", {
+            "task": "delf", "base": base.description, "arch": ARCH, "name": params["name"], "data": str(data),
+            "n_train": len(dataset.samples), "labels": len(dataset.classes), "epochs": epochs,
+            "stage1_epochs": stage1, "stage1_lr": lr, "stage2_lr": config.stage2_lr, "batch_size": config.batch_size,
+            "image_size": config.image_size, "seed": config.seed,
+        })
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps({"run_id": run_id}))
+    client = store.client
+
+    def on_batch(index: int, total: int) -> None:
+        run.check_cancel()
+        run.progress(done=index, total=total, unit="batches")
+
+    def on_epoch(entry: dict[str, float]) -> None:
+        epoch = int(entry["epoch"]) + (stage1 if entry["stage"] == 2 else 0)  # the job counts both stages
+        prom.TRAIN_EPOCH_SECONDS.labels(task="delf").observe(entry["seconds"])
+        prom.TRAIN_IMAGES.labels(task="delf").inc(len(dataset.samples))  # an epoch is one pass over the data
+        scores = {"loss": entry["loss"], "accuracy": entry["accuracy"], "stage": entry["stage"], "epoch_s": entry["seconds"]}
+        log_metrics(client, run_id, scores, epoch)
+        run.progress(epoch=epoch, epochs=epochs, metrics={k: float(v) for k, v in scores.items()}, force=True,
+                     message=f"epoch {epoch}/{epochs} done (stage {int(entry['stage'])})")
+
+    trained = train(config, on_epoch=on_epoch, on_batch=on_batch, checkpoint=work / "checkpoints" / "last.pt")
+    run.progress(message=f"registering the extractor as a new version of {params['name']}", force=True)
+    try:
+        client.log_artifact(run_id, trained.files["metrics"], "training")
+    except Exception as exc:  # a record, not the training: as the other fine-tunes
+        log.warning("MLflow: could not upload metrics.json: %s", exc)
+    golden = [(path.name, path.read_bytes()) for path, _ in dataset.samples[:4]]
+    version = register_version(
+        store, params["name"], {"arch": ARCH, "weights": Path(trained.files["delf"]), "labels": "none"},
+        run_id=run_id, golden=golden,
+        lineage={"job_id": run.job_id, "base_model": base.description,
+                 "dataset_fingerprint": load_data(data, task="classification").fingerprint()},
+        description=f"DELF two-stage training of {base.description} on {data}, {stage1} + {epochs - stage1} epochs",
+        promote_to=params.get("promote_to") or "",
+    )
+    try:
+        client.set_terminated(run_id)
+    except Exception:
+        pass
+    last = {stage: [h for h in trained.history if h["stage"] == stage][-1] for stage in (1, 2)}
+    result = {
+        "registered_model": params["name"], "registered_version": version, "run_id": run_id,
+        "epochs": str(epochs), "stage1_epochs": str(stage1), "train_images": str(len(dataset.samples)),
+        "metrics": trained.files["metrics"], "checkpoint": str(work / "checkpoints" / "last.pt"),
+        **{f"stage{s}_{k}": f"{last[s][k]:.4f}" for s in (1, 2) for k in ("loss", "accuracy")},
+    }
+    if params.get("promote_to"):
+        result["promoted_to"] = params["promote_to"]
+    run.progress(metrics={f"stage{s}_{k}": float(last[s][k]) for s in (1, 2) for k in ("loss", "accuracy")}, force=True)
     return result
 
 

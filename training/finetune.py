@@ -262,6 +262,10 @@ def run_finetune_job(run: "JobRun") -> dict[str, Any]:
 
     params, settings = run.params, run.settings
     task = params["task"]
+    if task == "delf":  # two stages on their own step functions (vision.models.delf), same job plumbing
+        from training.delf import run_job
+
+        return run_job(run)
     options = Options.for_task(task, params.get("options") or {})
     torch.set_num_threads(settings.threads or available_cpus())
     data_path = check_path(settings, params["data"], "data")
@@ -678,24 +682,6 @@ class Trainer:
 
     # -- MLflow and the registry
     def _start_mlflow(self, client: Any) -> str:
-        exp = client.get_experiment_by_name(EXPERIMENT)
-        if exp is None:
-            root = self.store.artifact_root.rstrip("/") + "/finetune"
-            if root.startswith("file://"):
-                Path(root.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
-            try:
-                experiment_id = client.create_experiment(EXPERIMENT, artifact_location=root)
-            except Exception:  # created by another job meanwhile
-                experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
-        else:
-            experiment_id = exp.experiment_id
-        run = client.create_run(
-            experiment_id,
-            run_name=f"{self.task}-{self.run.params['name']}-{self.run.job_id[:8]}",
-            tags={"vision.job_id": self.run.job_id, "vision.task": self.task},
-        )
-        from mlflow.entities import Param
-
         params = {
             "task": self.task,
             "base": self.base.description,
@@ -709,22 +695,10 @@ class Trainer:
             "device": str(self.device),
             **{k: v for k, v in asdict(self.options).items() if v not in ("", None)},
         }
-        client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-        return run.info.run_id
+        return start_mlflow_run(self.store, self.run, self.task, params)
 
     def _log(self, client: Any, run_id: str, scores: dict[str, Any], epoch: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [
-            Metric(k, float(v), now, epoch)
-            for k, v in scores.items()
-            if isinstance(v, (int, float)) and math.isfinite(v)
-        ]
-        try:
-            client.log_batch(run_id, metrics=batch)
-        except Exception as exc:  # the run's metrics are a record, not the training: never fail a job on them
-            log.warning("MLflow: could not log epoch %d: %s", epoch, exc)
+        log_metrics(client, run_id, scores, epoch)
 
     def _finish(self, client: Any, ckpt: Checkpoint) -> dict[str, Any]:
         import torch
@@ -827,6 +801,47 @@ class Trainer:
             result["retrieval_map_after"] = f"{best_scores['retrieval_map']:.2f}"
         run.progress(metrics={k: v for k, v in best_scores.items() if k != "epoch"}, force=True)
         return result
+
+
+def start_mlflow_run(store: Any, run: "JobRun", task: str, params: dict[str, Any]) -> str:
+    """The job's MLflow run in the experiment `vision-finetune` (created on first use), with `params`."""
+    from mlflow.entities import Param
+
+    client = store.client
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        root = store.artifact_root.rstrip("/") + "/finetune"
+        if root.startswith("file://"):
+            Path(root.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        try:
+            experiment_id = client.create_experiment(EXPERIMENT, artifact_location=root)
+        except Exception:  # created by another job meanwhile
+            experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    else:
+        experiment_id = exp.experiment_id
+    created = client.create_run(
+        experiment_id,
+        run_name=f"{task}-{run.params['name']}-{run.job_id[:8]}",
+        tags={"vision.job_id": run.job_id, "vision.task": task},
+    )
+    client.log_batch(created.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    return created.info.run_id
+
+
+def log_metrics(client: Any, run_id: str, scores: dict[str, Any], epoch: int) -> None:
+    """One epoch's numeric scores as MLflow metrics (step = epoch)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(k, float(v), now, epoch)
+        for k, v in scores.items()
+        if isinstance(v, (int, float)) and math.isfinite(v)
+    ]
+    try:
+        client.log_batch(run_id, metrics=batch)
+    except Exception as exc:  # the run's metrics are a record, not the training: never fail a job on them
+        log.warning("MLflow: could not log epoch %d: %s", epoch, exc)
 
 
 def register_version(

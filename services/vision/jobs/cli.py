@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint as a new version of --name (golden outputs, lineage); --promote-to then points "
         "an alias at it, and services following that alias switch to it.",
     )
-    ft.add_argument("--task", required=True, choices=["tagging", "classification", "retrieval"])
+    ft.add_argument("--task", required=True, choices=["tagging", "classification", "retrieval", "delf"])
     ft.add_argument(
         "--data",
         required=True,

@@ -28,7 +28,8 @@ SERVICE = "vision.v1.Jobs"
 log = logging.getLogger(__name__)
 
 WATCH_POLL_S = 0.25
-TASKS = ("tagging", "classification", "retrieval")
+# delf: the DELF ResNet-50's two stages (training.delf.run_job), base delf_resnet50.
+TASKS = ("tagging", "classification", "retrieval", "delf")
 _KIND = {DOWNLOAD: jobs_pb2.JOB_KIND_DOWNLOAD, FINETUNE: jobs_pb2.JOB_KIND_FINETUNE}
 _KIND_NAME = {v: k for k, v in _KIND.items()}
 
