@@ -38,6 +38,8 @@ Per task:
   Features service's `center` recipe) on a held-out retrieval set: `--eval-data` (Oxford format), else a
   fifth of the classes never trained on (one query per class against the rest). mAP before (the base)
   and after are reported; the best epoch by mAP is registered as a feature extractor (labels=none).
+- **delf**: handed to training.delf.run_job: DELF's two stages run on their own step functions (they fit
+  no single-model Trainer), with this module's MLflow, checkpoint and registration helpers.
 """
 
 from __future__ import annotations
