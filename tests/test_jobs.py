@@ -214,6 +214,11 @@ def test_a_queued_job_is_cancelled_at_once_and_its_state_survives_a_restart(
         timeout=10,
     )
     assert job.id in [j.id for j in listed.jobs]
+    # A queued job sends no further events: `wait --max-wait` still gives up on time.
+    started = time.monotonic()
+    gave_up = run_cli("jobs", "--target", service.address, "wait", job.id, "--max-wait", "1.5")
+    assert gave_up.returncode == 4 and "still queued" in gave_up.stderr, gave_up.stdout + gave_up.stderr
+    assert time.monotonic() - started < 15
 
     # The Jobs service restarts: the job is still there (it lives in Redis).
     restarted = jobs_server(tmp_path_factory.mktemp("again"), namespace)

@@ -327,8 +327,10 @@ def _exit_code(job: Any) -> int:
     return 0 if state == "succeeded" else EXIT_CANCELLED if state == "cancelled" else EXIT_FAILED
 
 
-def _events(args: argparse.Namespace):  # noqa: ANN202 - iterator of JobEvent, reconnecting
-    """WatchJob events; a dropped stream (the service restarted) is re-opened: the job lives in Redis."""
+def _events(args: argparse.Namespace, deadline: float | None = None):  # noqa: ANN202 - iterator of JobEvent, reconnecting
+    """WatchJob events; a dropped stream (the service restarted) is re-opened: the job lives in Redis.
+    With a `deadline` (time.monotonic()), TimeoutError once it passes: the service sends events only when the
+    job changes, so a quiet job would otherwise keep the stream open past any deadline."""
     import grpc
 
     from vision.v1 import jobs_pb2
@@ -336,14 +338,19 @@ def _events(args: argparse.Namespace):  # noqa: ANN202 - iterator of JobEvent, r
     failures = 0
     while True:
         channel, stub = _stub(args)
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            raise TimeoutError
         try:
             with channel:
-                for event in stub.WatchJob(jobs_pb2.WatchJobRequest(id=args.id)):
+                for event in stub.WatchJob(jobs_pb2.WatchJobRequest(id=args.id), timeout=timeout):
                     failures = 0
                     yield event
                     if event.final:
                         return
         except grpc.RpcError as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError from None
             if (
                 exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
                 or failures >= 30
@@ -354,17 +361,21 @@ def _events(args: argparse.Namespace):  # noqa: ANN202 - iterator of JobEvent, r
 
 
 def _wait(args: argparse.Namespace) -> int:
-    started = time.monotonic()
-    for event in _events(args):
-        if args.max_wait is not None and time.monotonic() - started > args.max_wait:
-            print(f"job {args.id}: still {_state(event.job)} after {args.max_wait:g} s", file=sys.stderr)
-            return 4
-        if event.final:
+    deadline = None if args.max_wait is None else time.monotonic() + args.max_wait
+    last = "queued or running"
+    try:
+        for event in _events(args, deadline):
+            last = _state(event.job)
+            if not event.final:
+                continue
             job = event.job
             print(f"job {job.id}: {_state(job)}" + (f": {job.message}" if job.message else ""))
             for key, value in sorted(job.result.items()):
                 print(f"  {key}: {value}")
             return _exit_code(job)
+    except TimeoutError:
+        print(f"job {args.id}: still {last} after {args.max_wait:g} s", file=sys.stderr)
+        return 4
     return EXIT_FAILED
 
 
