@@ -231,7 +231,9 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
     async def SubmitDownload(
         self, request: jobs_pb2.SubmitDownloadRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.SubmitJobResponse:
-        params, urls = download_params(request)
+        # Off the event loop: an inline list may be tens of MB (up to --max-request-bytes), and parsing it
+        # would stall every other RPC this process serves.
+        params, urls = await asyncio.to_thread(download_params, request)
         view = await self._store(self.store.submit, DOWNLOAD, params, urls=urls)
         return jobs_pb2.SubmitJobResponse(job=job_message(view))
 
