@@ -125,13 +125,11 @@ def build(
     if spec["num_classes"] is None:
         del spec["num_classes"]
 
-    _save_weights(config, card, weights, out / WEIGHTS)
+    if config.onnx is not None and not Path(config.onnx).is_file():
+        raise ConfigurationError(f"onnx file {config.onnx} does not exist")
+    _save_weights(config, card, weights, out / WEIGHTS, export_to=None if config.onnx is not None else out / ONNX)
     if config.onnx is not None:
-        if not Path(config.onnx).is_file():
-            raise ConfigurationError(f"onnx file {config.onnx} does not exist")
         shutil.copyfile(config.onnx, out / ONNX)
-    else:
-        _export(config, card, out / WEIGHTS, out / ONNX)
 
     for name, path in (extra or {}).items():
         if not name or "/" in name or name.startswith("."):
@@ -171,32 +169,25 @@ def _walk(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
-def _save_weights(config: Any, card: Any, weights: Path | None, dst: Path) -> None:
+def _save_weights(config: Any, card: Any, weights: Path | None, dst: Path, *, export_to: Path | None) -> None:
     """The weights as the module's own state dict: checkpoint wrappers, `module.` prefixes and foreign key
-    names are resolved once here, so serving loads it strictly."""
-    from vision.backends.torch_backend import run_on_torch_thread
-    from vision.models import create_model
-
-    def save() -> None:
-        import torch
-
-        module = create_model(config.arch, num_classes=card.signature.num_classes, weights=weights, pretrained=False)
-        torch.save(module.state_dict(), dst)
-
-    run_on_torch_thread(save)
-
-
-def _export(config: Any, card: Any, weights: Path, dst: Path) -> None:
+    names are resolved once here, so serving loads it strictly. With `export_to`, the same module is also
+    exported to ONNX with every output of the signature (built once for both)."""
     from vision.backends.torch_backend import run_on_torch_thread
     from vision.export import export_onnx
     from vision.models import create_model, with_outputs
 
-    def export() -> None:
-        n = card.signature.num_classes
-        module = with_outputs(config.arch, create_model(config.arch, num_classes=n, weights=weights, pretrained=False), n)
-        export_onnx(module, dst, signature=card.signature)
+    def save() -> None:
+        import torch
 
-    run_on_torch_thread(export)
+        n = card.signature.num_classes
+        module = create_model(config.arch, num_classes=n, weights=weights, pretrained=False)
+        torch.save(module.state_dict(), dst)
+        if export_to is not None:
+            export_onnx(with_outputs(config.arch, module, n), export_to, signature=card.signature)
+
+    # On the process's torch thread, like every torch call here (see vision.backends.torch_backend).
+    run_on_torch_thread(save)
 
 
 def _card(card: Any, random_weights: bool, golden: Golden) -> dict[str, Any]:
