@@ -624,7 +624,9 @@ class Trainer:
             return {
                 "val_loss": val_loss,
                 "micro_f1": at_half.OF1,
-                "macro_f1": float(at_half.f1[at_half.support > 0].mean()),
+                # A validation split without positives gives no per-label F1: 0, not a NaN that would
+                # poison best-checkpoint selection and the MLflow curves.
+                "macro_f1": float(at_half.f1[at_half.support > 0].mean()) if (at_half.support > 0).any() else 0.0,
                 "micro_f1_calibrated": calibrated.OF1,
                 "macro_f1_calibrated": macro,
                 "mAP": at_half.mAP or 0.0,
@@ -810,17 +812,7 @@ def start_mlflow_run(store: Any, run: "JobRun", task: str, params: dict[str, Any
     from mlflow.entities import Param
 
     client = store.client
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is None:
-        root = store.artifact_root.rstrip("/") + "/finetune"
-        if root.startswith("file://"):
-            Path(root.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
-        try:
-            experiment_id = client.create_experiment(EXPERIMENT, artifact_location=root)
-        except Exception:  # created by another job meanwhile
-            experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
-    else:
-        experiment_id = exp.experiment_id
+    experiment_id = store.experiment(EXPERIMENT, store.artifact_root.rstrip("/") + "/finetune")
     created = client.create_run(
         experiment_id,
         run_name=f"{task}-{run.params['name']}-{run.job_id[:8]}",

@@ -114,7 +114,7 @@ class RegistryStore:
 
         with self._init_lock():
             self.client = _retry(lambda: MlflowClient(tracking_uri=self.uri, registry_uri=self.uri), "open")
-            self._experiment_id = _retry(self._ensure_experiment, "create the registry experiment")
+            self._experiment_id = _retry(lambda: self.experiment(EXPERIMENT, self.artifact_root), "create the registry experiment")
 
     # -- plumbing
     @contextlib.contextmanager
@@ -133,20 +133,22 @@ class RegistryStore:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def _ensure_experiment(self) -> str:
-        exp = self.client.get_experiment_by_name(EXPERIMENT)
+    def experiment(self, name: str, artifact_location: str) -> str:
+        """The id of MLflow experiment `name`, created with `artifact_location` on first use (a concurrent
+        creator wins the race harmlessly). An existing experiment keeps the location it was created with."""
+        exp = self.client.get_experiment_by_name(name)
         if exp is None:
-            if self.artifact_root.startswith("file://"):
-                Path(self.artifact_root.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+            if artifact_location.startswith("file://"):
+                Path(artifact_location.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
             try:
-                return self.client.create_experiment(EXPERIMENT, artifact_location=self.artifact_root)
+                return self.client.create_experiment(name, artifact_location=artifact_location)
             except Exception as exc:
                 if _code(exc) != "RESOURCE_ALREADY_EXISTS":
                     raise
-                exp = self.client.get_experiment_by_name(EXPERIMENT)
+                exp = self.client.get_experiment_by_name(name)
                 assert exp is not None
-        if exp.artifact_location.rstrip("/") != self.artifact_root.rstrip("/"):
-            log.info("registry experiment keeps its artifact location %s", exp.artifact_location)
+        if exp.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+            log.info("experiment %s keeps its artifact location %s", name, exp.artifact_location)
         return exp.experiment_id
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
