@@ -26,7 +26,7 @@ closed-loop clients sending 1-image classify requests (TorchServe: Predictions).
 mode's ratio to its own raw engine (ONNX Runtime modes to raw, torch modes to raw-torch) and to
 TorchServe. TorchServe only classifies: give it --mix classify=1 (or --concurrency) for a like-for-like
 comparison. Writes OUT/report.json, OUT/throughput_vs_offered.png, OUT/latency_cdf.png,
-OUT/latency_over_time.png (open loop).
+OUT/latency_over_time.png (open loop) or OUT/modes.png (closed loop: img/s per mode with both ratios).
 """
 
 from __future__ import annotations
@@ -114,8 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     mode_settings: dict[str, str] = settings["modes"]  # type: ignore[assignment]
 
+    def loadavg(mode: str) -> None:
+        # Other tenants of a shared machine show up here: a 1-minute load above the cores in use means a
+        # mode was measured against a neighbour, and its number should be taken from another round.
+        try:
+            settings["loadavg_1min_before"][mode] = float(Path("/proc/loadavg").read_text().split()[0])  # type: ignore[index]
+        except OSError:
+            pass
+
+    settings["loadavg_1min_before"] = {}
+
     def drive(mode: str, target: str, rpcs: dict | None = None) -> None:
         print(f"== {mode} ({target})", flush=True)
+        loadavg(mode)
         if args.concurrency:
             call = (rpcs or RPCS)["classify"]
             result = asyncio.run(closed_run(target, call, image, args.concurrency, args.duration, args.warmup, mode))
@@ -127,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[mode] = asyncio.run(sweep(target, image, rates, mode=mode, rpcs=rpcs, **load))
 
     def raw_baseline(mode: str, forward, preset) -> None:  # noqa: ANN001
+        loadavg(mode)
         raw[mode], raw_runs[mode] = {}, {}
         for bs in sorted({1, args.max_batch_size}):
             result = raw_run(forward, preset, image, bs, args.duration, args.warmup)
@@ -168,11 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     report["raw_runs"] = {mode: {bs: asdict(r) for bs, r in by_bs.items()} for mode, by_bs in raw_runs.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
-    if runs:
-        from loadtest.report import plot
+    from loadtest.report import plot, plot_summary
 
+    if runs:
         for path in plot(runs, args.out, title=f"{args.mix}, {args.arrivals} arrivals"):
             print(f"wrote {path}")
+    if closed:
+        model = args.model.replace("arch=", "").split(",")[0]
+        path = plot_summary(report["summary"], args.out / "modes.png",
+                            title=f"{model}, {args.concurrency} clients, {args.threads} threads, max batch {args.max_batch_size}")
+        print(f"wrote {path}")
     print(f"wrote {args.out / 'report.json'}")
     return 0
 
@@ -193,6 +210,17 @@ def _torch_modes(args: argparse.Namespace, modes: list[str], image: bytes, drive
         if "raw-torch" in modes:
             model = PeerModel(peer.arch, peer.num_classes, peer.state_dict, threads=args.threads, preset=peer.preset)
             raw_baseline("raw-torch", lambda batch: model.postprocess(model.infer(batch)), model.preset)
+            # The engine alone (one decoded batch reused, forward only): the ceiling a torch server on these
+            # cores could reach if decoding cost nothing; what any server loses beyond it is decode and plumbing.
+            batch = model.preprocess([image] * args.max_batch_size)
+            model.infer(batch)
+            passes, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < args.duration / 2:
+                model.infer(batch)
+                passes += 1
+            forward_only = passes * args.max_batch_size / (time.perf_counter() - t0)
+            settings["torch_forward_only_images_per_second"] = round(forward_only, 1)
+            print(f"raw-torch forward only, batch {args.max_batch_size}: {forward_only:.1f} img/s", flush=True)
             mode_settings["raw-torch"] = (f"eager torch {torch.__version__} in-process, channels_last, inference_mode, "
                                           f"{args.threads} threads, batch 1 and {args.max_batch_size}, vision.imaging decode + "
                                           "preprocess + forward + softmax top-5 (loadtest/torchserve_handler.PeerModel)")
@@ -230,6 +258,11 @@ def _torch_modes(args: argparse.Namespace, modes: list[str], image: bytes, drive
                 if stats:
                     settings["torchserve_mean_batch"] = round(stats[1] / stats[0], 2)
                     print(f"torchserve: {stats[1]} images in {stats[0]} batches (mean {stats[1] / stats[0]:.2f})", flush=True)
+                handler_ms = ts.prediction_ms(work)
+                if handler_ms:
+                    # TorchServe's own PredictionTime: the handler's time per batch (decode + forward + top-k).
+                    settings["torchserve_handler_ms_per_batch"] = round(handler_ms, 1)
+                    print(f"torchserve: handler {handler_ms:.1f} ms per batch (its PredictionTime metric)", flush=True)
 
 
 def peer_torch_version(ts) -> str:  # noqa: ANN001 - the loadtest.torchserve module

@@ -75,3 +75,33 @@ def _save(fig, path: Path) -> Path:  # noqa: ANN001 - matplotlib Figure
 
     plt.close(fig)
     return path
+
+
+def plot_summary(rows: list[dict], out_path: Path, *, title: str = "") -> Path:
+    """A bar per mode (img/s, from `loadtest.modes.summary_rows`), ONNX Runtime and torch modes in two colours,
+    each bar labelled with its ratio to its own engine's raw baseline and to TorchServe: the closed-loop
+    comparison as one picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r.get("images_per_second")]
+    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(shown) + 1.5))
+    names = [f"{r['mode']} (batch {r['batch']})" if "batch" in r else r["mode"] for r in shown]
+    values = [r["images_per_second"] for r in shown]
+    colours = ["tab:orange" if r["engine"] == "torch" else "tab:blue" for r in shown]
+    ax.barh(names[::-1], values[::-1], color=colours[::-1])
+    for y, r in enumerate(shown[::-1]):
+        notes = []
+        if r.get("ratio_to_raw") is not None and "batch" not in r:
+            notes.append(f"{r['ratio_to_raw']:.2f}× raw")
+        if r.get("vs_torchserve") is not None and r["mode"] != "torchserve":
+            notes.append(f"{r['vs_torchserve']:.2f}× TorchServe")
+        ax.text(r["images_per_second"], y, f" {r['images_per_second']:.1f}  " + ", ".join(notes), va="center", fontsize=8)
+    ax.set_xlim(0, max(values) * 1.6)
+    ax.set_xlabel("images/s (blue: ONNX Runtime, orange: torch)")
+    ax.set_title(title or "Every mode, same model and payload")
+    ax.grid(alpha=0.3, axis="x")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(fig, out_path)

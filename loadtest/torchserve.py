@@ -274,3 +274,19 @@ def batch_stats(work: Path) -> tuple[int, int] | None:
         for m in re.finditer(r"vision_peer: batches (\d+) images (\d+)", text):
             last = max(last or (0, 0), (int(m.group(1)), int(m.group(2))))
     return last
+
+
+def prediction_ms(work: Path, skip: int = 2) -> float | None:
+    """Mean of TorchServe's PredictionTime (ms the handler took per batch) from its logs, leaving out the
+    first `skip` batches (readiness probe and warm-up)."""
+    import re
+
+    values: list[float] = []
+    for path in [work / "torchserve.log"]:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        values += [float(v) for v in re.findall(r"MODEL_METRICS - PredictionTime\.ms:([0-9.]+)", text)]
+    values = values[skip:]
+    return sum(values) / len(values) if values else None

@@ -89,7 +89,7 @@ def test_closed_loop_driver_against_a_real_server(server, photos):
     assert 0 < result.p50_ms <= result.p99_ms
 
 
-def test_table_gives_each_mode_its_own_raw_and_torchserve_ratios():
+def test_table_gives_each_mode_its_own_raw_and_torchserve_ratios(tmp_path):
     raw = {"raw": {"b1": 130.0, "b16": 150.0}, "raw-torch": {"b1": 50.0, "b16": 40.0}}
     closed = {
         "standalone": RunResult("standalone", 16, 165.0, 95.0, 120.0, 140.0, 100),
@@ -108,6 +108,10 @@ def test_table_gives_each_mode_its_own_raw_and_torchserve_ratios():
     assert "| raw (batch 16) | onnxruntime | 150.0 | – | 1.00 | 4.55 |" in table
     without_peer = summary_rows({}, {"standalone": closed["standalone"]}, raw)
     assert all(r["vs_torchserve"] is None for r in without_peer)
+    pytest.importorskip("matplotlib")
+    from loadtest.report import plot_summary
+
+    assert plot_summary(list(rows.values()), tmp_path / "modes.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.skipif(ts.missing_reason() is not None, reason="no TorchServe venv (loadtest/torchserve_setup.sh)")
@@ -115,3 +119,18 @@ def test_grpc_stubs_compile_from_the_jar(tmp_path):
     pb2, pb2_grpc = ts.grpc_stubs(out_dir=tmp_path)
     request = pb2.PredictionsRequest(model_name=ts.MODEL_NAME, input={"data": b"x"})
     assert request.input["data"] == b"x" and hasattr(pb2_grpc, "InferenceAPIsServiceStub")
+
+
+def test_batch_and_handler_time_are_read_from_torchserve_logs(tmp_path):
+    """The lines TorchServe 0.12 writes for the handler's log and its PredictionTime metric."""
+    (tmp_path / "torchserve.log").write_text(
+        "2026-11-25T17:48:24,578 [INFO ] W-9000-vision_peer_1.0-stdout MODEL_LOG - vision_peer: batches 5 images 70\n"
+        "x [INFO ] W-9000-vision_peer_1.0-stdout MODEL_METRICS - PredictionTime.ms:900.0|#ModelName:vision_peer,Level:Model\n"
+        "x [INFO ] W-9000-vision_peer_1.0-stdout MODEL_METRICS - PredictionTime.ms:300.5|#ModelName:vision_peer,Level:Model\n"
+        "x [INFO ] W-9000-vision_peer_1.0-stdout MODEL_METRICS - PredictionTime.ms:250.0|#ModelName:vision_peer,Level:Model\n"
+        "x [INFO ] W-9000-vision_peer_1.0-stdout MODEL_METRICS - PredictionTime.ms:260.0|#ModelName:vision_peer,Level:Model\n"
+        "2026-11-25T17:48:30,000 [INFO ] W-9000-vision_peer_1.0-stdout MODEL_LOG - vision_peer: batches 10 images 150\n"
+    )
+    assert ts.batch_stats(tmp_path) == (10, 150)
+    assert ts.prediction_ms(tmp_path) == pytest.approx(255.0)  # the first two (probe, warm-up) left out
+    assert ts.batch_stats(tmp_path / "none") is None and ts.prediction_ms(tmp_path / "none") is None
