@@ -72,51 +72,27 @@ def error_summary(prog: str, results: list[RunResult]) -> int:
 
 
 async def service_run(target: str, image: bytes, concurrency: int, duration: float, warmup: float, images_per_request: int, model: str) -> RunResult:
+    """Closed-loop Classify clients (`images_per_request` copies of `image` per request)."""
     request = classification_pb2.ClassifyRequest(
         model=common_pb2.ModelSelector(name=model),
         images=[common_pb2.Image(id=str(i), content=image) for i in range(images_per_request)],
         top_k=5,
     )
-    options = [("grpc.max_send_message_length", 1 << 30)]
-    # A few channels, so client-side HTTP/2 framing is not a single serial bottleneck.
-    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(min(4, concurrency))]
-    stubs = [classification_pb2_grpc.ClassificationStub(ch) for ch in channels]
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
-    start = time.perf_counter()
-    measure_from = start + warmup
-    stop_at = measure_from + duration
 
-    async def client(i: int) -> None:
-        stub = stubs[i % len(stubs)]
-        consecutive_errors = 0
-        while (now := time.perf_counter()) < stop_at:
-            try:
-                await stub.Classify(request, timeout=60)
-            except grpc.aio.AioRpcError as exc:
-                if now >= measure_from:
-                    errors[exc.code().name] += 1
-                delay = min(ERROR_BACKOFF_MAX_S, ERROR_BACKOFF_S * 2**consecutive_errors)
-                consecutive_errors += 1
-                await asyncio.sleep(min(delay, max(0.0, stop_at - time.perf_counter())))
-                continue
-            consecutive_errors = 0
-            if now >= measure_from:
-                latencies.append(time.perf_counter() - now)
+    def classify(channel: grpc.aio.Channel, _image: bytes):  # noqa: ANN202 - timeout -> awaitable
+        stub = classification_pb2_grpc.ClassificationStub(channel)
+        return lambda timeout: stub.Classify(request, timeout=timeout)
 
-    await asyncio.gather(*(client(i) for i in range(concurrency)))
-    for ch in channels:
-        await ch.close()
-    p50, p90, p99 = _percentiles(latencies)
-    return RunResult("service", concurrency, len(latencies) * images_per_request / duration, p50, p90, p99, len(latencies), dict(errors))
+    return await closed_run(target, classify, image, concurrency, duration, warmup, "service", images_per_call=images_per_request)
 
 
 async def closed_run(target: str, make_call, image: bytes, concurrency: int, duration: float, warmup: float,  # noqa: ANN001
-                     mode: str) -> RunResult:
+                     mode: str, *, images_per_call: int = 1) -> RunResult:
     """`concurrency` clients, each sending its next request when the last one answered, for any one-image RPC:
     `make_call(channel, image)` returns `timeout -> awaitable` (the open loop's call factories, TorchServe's
     Predictions included), so every server is driven by the same client code."""
     options = [("grpc.max_send_message_length", 1 << 30)]
+    # A few channels, so client-side HTTP/2 framing is not a single serial bottleneck.
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(min(4, concurrency))]
     calls = [make_call(ch, image) for ch in channels]
     latencies: list[float] = []
@@ -134,7 +110,8 @@ async def closed_run(target: str, make_call, image: bytes, concurrency: int, dur
                 if now >= measure_from:
                     errors[exc.code().name] += 1
                 consecutive_errors += 1
-                await asyncio.sleep(min(ERROR_BACKOFF_MAX_S, ERROR_BACKOFF_S * 2 ** (consecutive_errors - 1)))
+                delay = min(ERROR_BACKOFF_MAX_S, ERROR_BACKOFF_S * 2 ** (consecutive_errors - 1))
+                await asyncio.sleep(min(delay, max(0.0, stop_at - time.perf_counter())))
                 continue
             consecutive_errors = 0
             if now >= measure_from:
@@ -144,7 +121,7 @@ async def closed_run(target: str, make_call, image: bytes, concurrency: int, dur
     for ch in channels:
         await ch.close()
     p50, p90, p99 = _percentiles(latencies)
-    return RunResult(mode, concurrency, len(latencies) / duration, p50, p90, p99, len(latencies), dict(errors))
+    return RunResult(mode, concurrency, len(latencies) * images_per_call / duration, p50, p90, p99, len(latencies), dict(errors))
 
 
 def raw_model(target: str, model_name: str, weights: Path | None, threads: int):

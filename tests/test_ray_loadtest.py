@@ -56,3 +56,23 @@ def test_open_loop_against_a_real_server(server, photos):
     tight = asyncio.run(open_loop(server.address, photos["coffee.jpg"], rate=5, duration=1.0, warmup=0.0,
                                   deadline_s=0.0005, arrivals="constant"))
     assert tight.errors.get("DEADLINE_EXCEEDED", 0) == tight.sent and tight.ok == 0
+
+
+def test_closed_loop_cli_against_a_real_server(server, photos, tmp_path):
+    """`python -m loadtest` (the README's benchmark) drives Classify with several images per request."""
+    import json
+    import subprocess
+    import sys
+
+    image = tmp_path / "coffee.jpg"
+    image.write_bytes(photos["coffee.jpg"])
+    out = tmp_path / "run.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest", "--target", server.address, "--image", str(image), "--concurrency", "2",
+         "--duration", "1", "--warmup", "0.2", "--images-per-request", "2", "--no-raw", "--json", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    (run,) = json.loads(out.read_text())["results"]
+    assert run["mode"] == "service" and run["requests"] > 0 and run["errors"] == {}
+    assert run["images_per_second"] == pytest.approx(run["requests"] * 2 / 1.0)
