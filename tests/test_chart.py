@@ -444,6 +444,34 @@ def test_triton_runs_in_explicit_model_control_mode_on_the_model_store():
         )  # no torch where Triton runs the model
 
 
+def test_flower_listens_where_the_workers_send_events():
+    """Flower in the stock image, configured with the workers' key prefix and event exchange (vision.jobs.app):
+    a plain `celery --broker=URL flower` would see no worker and no job."""
+    import runpy
+
+    from vision.jobs.config import JobsConfig
+
+    docs = render("all-on")
+    (flower,) = [d for d in of_kind(docs, "Deployment") if component(d) == "flower"]
+    container = pod_spec(flower)["containers"][0]
+    assert "--config=vision_flower" in container["args"]
+    assert {"name": "PYTHONPATH", "value": "/etc/vision-flower"} in container["env"]
+    (config,) = [c for c in of_kind(docs, "ConfigMap") if "vision_flower.py" in c.get("data", {})]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/etc/vision-flower")
+    volume = next(v for v in pod_spec(flower)["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == config["metadata"]["name"]
+    module = Path(os.environ.get("TMPDIR", "/tmp")) / f"vision_flower_{os.getpid()}.py"
+    module.write_text(config["data"]["vision_flower.py"])
+    try:
+        celery_conf = runpy.run_path(str(module))
+    finally:
+        module.unlink()
+    jobs = JobsConfig()  # the chart sets no VISION_JOBS_NAMESPACE: the workers use the default namespace
+    assert celery_conf["broker_transport_options"] == {"global_keyprefix": jobs.key_prefix}
+    assert celery_conf["event_exchange"] == f"{jobs.namespace}.celeryev"
+    assert celery_conf["control_exchange"] == f"{jobs.namespace}.celery"
+
+
 def test_dev_cpu_runs_onnxruntime_without_triton_or_autoscaling():
     docs = render("dev-cpu")
     assert not [d for d in of_kind(docs, "Deployment") if component(d) == "triton"]
