@@ -114,6 +114,16 @@ def test_bad_quantize_input_is_refused_clearly(sets, quantized, tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_json_report_stays_parseable_with_a_histogram_method(sets, tmp_path):
+    """The histogram calibrators print progress; `--json` output must still be one JSON document."""
+    out = tmp_path / "p.onnx"
+    result = _vision("quantize", "--model", ARCH, "--calibration", str(sets["calibration"]), "--out", str(out),
+                     "--method", "percentile", "--speed-seconds", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["method"] == "percentile" and report["held_out"] is None and q.precision_of(out) == "int8"
+
+
 def test_torch_backend_refuses_an_int8_file(quantized):
     from vision.loading import model_card
     from vision.settings import ServeSettings

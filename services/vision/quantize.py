@@ -19,8 +19,10 @@ and the classifier, or name any node of the graph.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -182,19 +184,21 @@ def quantize(fp32_path: Path, out: Path, calibration: Sequence[Path], preset: "P
         reader = _CalibrationReader(calibration, preset, graph.graph.input[0].name, options.batch_size)
         quantized = Path(tmp) / "int8.onnx"
         started = time.monotonic()
-        quantize_static(
-            str(pre),
-            str(quantized),
-            reader,  # type: ignore[arg-type]
-            quant_format=QuantFormat.QDQ,
-            per_channel=options.per_channel,
-            reduce_range=options.reduce_range,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=methods[options.method],
-            nodes_to_exclude=excluded,
-            extra_options={"CalibPercentile": options.percentile} if options.method == "percentile" else {},
-        )
+        # The histogram calibrators print progress to stdout, which must stay clean for `--json`.
+        with contextlib.redirect_stdout(sys.stderr):
+            quantize_static(
+                str(pre),
+                str(quantized),
+                reader,  # type: ignore[arg-type]
+                quant_format=QuantFormat.QDQ,
+                per_channel=options.per_channel,
+                reduce_range=options.reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=methods[options.method],
+                nodes_to_exclude=excluded,
+                extra_options={"CalibPercentile": options.percentile} if options.method == "percentile" else {},
+            )
         log.info("calibrated on %d images with %s in %.1fs", len(calibration), options.method, time.monotonic() - started)
         model = onnx.load(str(quantized))
         meta = {"method": options.method, "calibration_images": str(len(calibration)), "excluded": ",".join(excluded),
