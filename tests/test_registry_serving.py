@@ -315,3 +315,37 @@ def test_vision_serve_refuses_to_start_on_a_bad_registry_uri(registry, tmp_path,
         capture_output=True, text=True, timeout=120, env=env,
     )
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_vision_serve_starts_from_its_cache_when_the_registry_is_down(registry, tmp_path, photos):
+    """A restart while the registry is unreachable serves the version served last, checked against the sha256
+    recorded at download; without a cached version the start still fails, with the reason."""
+    store, _ = registry
+    store.promote(NAME, "1", "production")
+    cache = tmp_path / "cache"
+    args = ["--model", f"models:/{NAME}@production", "--registry-cache", str(cache), "--services", "classification"]
+    up = {"VISION_REGISTRY_URI": store.uri, "VISION_REGISTRY_ARTIFACT_ROOT": store.artifact_root}
+    ServerProcess(args, tmp_path / "first.log", env=up).wait_ready().stop()
+    assert json.loads((cache / NAME / "last-served.json").read_text())["version"] == "1"
+
+    down = {"VISION_REGISTRY_URI": "postgresql://postgres@127.0.0.1:1/unreachable"}  # nothing listens on port 1
+    server = ServerProcess(args, tmp_path / "down.log", env=down).wait_ready()
+    try:
+        stub = classification_pb2_grpc.ClassificationStub(grpc.insecure_channel(server.address))
+        reply = stub.Classify(classify_request(photos["coffee.jpg"], top_k=1), timeout=30)
+        assert reply.model.version == "1" and reply.results[0].predictions[0].index == 967
+        (info,) = stub.ListModels(common_pb2.ListModelsRequest(), timeout=30).models
+        assert info.registry.serving_version == "1" and "unreachable" in info.registry.error
+    finally:
+        server.stop()
+
+    # A cached file changed on disk is refused, not served.
+    (cache / NAME / "1" / "spec.json").write_text("{}")
+    env = {**os.environ, **down}
+    result = subprocess.run([sys.executable, "-m", "vision.cli", "serve", "--port", "0", "--metrics-port", "0", *args],
+                            capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 1 and "cached version 1 cannot serve" in result.stderr, result.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-m", "vision.cli", "serve", "--port", "0", "--metrics-port", "0",
+                             "--model", f"models:/{NAME}@production", "--registry-cache", str(tmp_path / "empty")],
+                            capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 1 and "no version served before is cached" in result.stderr, result.stderr[-2000:]

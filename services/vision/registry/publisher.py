@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -47,6 +49,9 @@ if TYPE_CHECKING:
     from vision.settings import ModelConfig, ServeSettings
 
 log = logging.getLogger(__name__)
+
+# Under <registry cache>/<name>/: the version this entry served last and its files' sha256.
+LAST_SERVED = "last-served.json"
 
 # Downloaded versions kept per model in --registry-cache besides the one serving (rollback is then local).
 KEEP_CACHED = 3
@@ -78,14 +83,27 @@ class Follower:
         self._cards: dict[str, dict[str, Any]] = {}
         self._task: asyncio.Task[None] | None = None
         self._switching = False
+        # Relative path -> sha256 of each prepared version's package (recorded when a version serves).
+        self._files: dict[str, dict[str, str]] = {}
 
     # -- start-up (synchronous, before the server binds its port)
     def resolve(self) -> "ModelConfig":
-        store = self.publisher.store()
+        from vision.registry.store import InvalidRegistryUri
+        from vision.registry.uri import default_registry_uri
+
+        from vision.registry.store import probe
+
         try:
+            if self.publisher._store is None:
+                probe(self.settings.registry_uri or default_registry_uri())
+            store = self.publisher.store()
             version = store.resolve(self.uri)
         except NotFound as exc:
             raise ConfigurationError(f"{self.uri}: {exc} (`vision registry show {self.name}` lists its versions and aliases)") from None
+        except InvalidRegistryUri:
+            raise
+        except Exception as exc:  # the registry database or server is unreachable
+            return self._resolve_from_cache(exc)
         try:
             config = self._prepare(store, version)
         except Refused as exc:
@@ -96,6 +114,42 @@ class Follower:
             ) from None
         self.status.alias_version = version if self.uri.alias else ""
         self.status.checked_at = time.time()
+        return config
+
+    @property
+    def _last_served_path(self) -> Path:
+        return self.settings.registry_cache / self.name / LAST_SERVED
+
+    def _resolve_from_cache(self, error: Exception) -> "ModelConfig":
+        """The registry is down at start-up: serve the version this entry served last, from the cache, after
+        checking every file against the sha256 recorded when it was downloaded. The follower keeps trying
+        the registry and switches once it answers. Without a cached version start-up fails, as before."""
+        path = self._last_served_path
+        try:
+            record = json.loads(path.read_text())
+            if record.get("uri") != str(self.uri):
+                raise ValueError(f"the cache records {record.get('uri')!r}")
+            version, files = str(record["version"]), dict(record["files"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigurationError(
+                f"{self.uri}: the registry is unreachable ({error}) and no version served before is cached under "
+                f"{path.parent} ({exc})"
+            ) from None
+        from vision.registry import package as pkg
+
+        try:
+            package = pkg.load(self.settings.registry_cache / self.name / version, files)
+            self._golden[version] = Golden.load(package.root)
+            self._cards[version] = package.card
+            config = serving_config(package, name=self.name, version=version, base=self.base)
+        except ConfigurationError as exc:  # ArtifactCorrupted included
+            raise ConfigurationError(f"{self.uri}: the registry is unreachable ({error}) and the cached version {version} "
+                                     f"cannot serve: {exc}") from None
+        if (config.backend or self.settings.backend) == "triton":
+            self._triton_add(config, package)
+        self._files[version] = files
+        self.status.error = f"registry unreachable at start-up, serving cached version {version}: {error}"
+        log.warning("registry: %s unreachable at start-up (%s); serving cached version %s", self.uri, error, version)
         return config
 
     def _prepare(self, store: "RegistryStore", version: str) -> "ModelConfig":
@@ -111,6 +165,7 @@ class Follower:
         try:
             self._golden[version] = Golden.load(package.root)
             self._cards[version] = package.card
+            self._files[version] = package.files
             config = serving_config(package, name=self.name, version=version, base=self.base)
         except ConfigurationError as exc:
             raise Refused("sha256", str(exc)) from None
@@ -153,12 +208,27 @@ class Follower:
         return versions[0]
 
     def _served(self, version: str) -> None:
+        self._remember(version)
         self.status.serving_version = version
         self.status.run_id = self._run_ids.get(version, "")
         self.status.refused_version = self.status.refused_check = self.status.refused_reason = ""
         metrics.REGISTRY_SERVING_VERSION.labels(model=self.name).set(float(version))
         if self.uri.alias and self.status.alias_version:
             metrics.REGISTRY_ALIAS_VERSION.labels(model=self.name, alias=self.uri.alias).set(float(self.status.alias_version))
+
+    def _remember(self, version: str) -> None:
+        """Record the version now serving, with its files' sha256, for a start-up without the registry."""
+        files = self._files.get(version)
+        if not files:
+            return
+        path = self._last_served_path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged = path.with_suffix(".tmp")
+            staged.write_text(json.dumps({"uri": str(self.uri), "version": version, "files": files}))
+            os.replace(staged, path)
+        except OSError as exc:  # a read-only cache only loses the fallback
+            log.warning("registry: cannot record the served version under %s: %s", path.parent, exc)
 
     async def close(self) -> None:
         if self._task is not None:

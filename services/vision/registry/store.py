@@ -55,6 +55,36 @@ class RegistryError(ConfigurationError):
     """The registry refused or could not do what was asked (message says what to do)."""
 
 
+class InvalidRegistryUri(RegistryError):
+    """The registry URI itself is wrong: no retry or fallback can help."""
+
+
+def probe(uri: str, timeout_s: float = 3.0) -> None:
+    """RegistryError when the registry's database cannot be reached now. MLflow retries a failed connection
+    for about 100 s before giving up; a process starting up wants to know at once (and fall back to its
+    cache), so this checks the network path or the SQLite file first."""
+    import socket
+
+    if uri.startswith("sqlite:///"):
+        if not Path(uri.removeprefix("sqlite:///")).is_file():
+            raise RegistryError(f"registry database {uri.removeprefix('sqlite:///')} does not exist")
+        return
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(uri)
+    except Exception as exc:  # sqlalchemy's ArgumentError: not a URL
+        raise InvalidRegistryUri(f"registry URI {redact(uri)!r}: {exc}") from None
+    defaults = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+    port = url.port or defaults.get(url.get_backend_name(), 0)
+    if not url.host or not port:
+        return  # a socket path or an unusual driver: let MLflow try
+    try:
+        socket.create_connection((url.host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise RegistryError(f"cannot reach the registry database at {url.host}:{port}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     name: str
@@ -102,7 +132,7 @@ class RegistryStore:
     def __init__(self, uri: str | None = None, artifact_root: str | None = None) -> None:
         self.uri = uri or default_registry_uri()
         if not (self.uri.startswith("sqlite:///") or self.uri.startswith(("postgresql://", "postgresql+", "mysql", "mssql"))):
-            raise RegistryError(
+            raise InvalidRegistryUri(
                 f"registry URI {redact(self.uri)!r}: use sqlite:///ABSOLUTE/PATH.db or postgresql://USER@HOST:PORT/DB"
             )
         root = artifact_root or default_artifact_root(self.uri)
