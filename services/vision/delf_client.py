@@ -221,7 +221,8 @@ def fit_pca(
         pca = fit(descriptors, dim, whiten=whiten, model=model[0], version=model[1], images=len(paths))
     except ValueError as exc:
         raise ClientError(str(exc)) from None
-    total = float(np.var(descriptors, axis=0).sum())
+    # ddof=1, as np.cov in the fit: the explained share is a ratio of the same variances.
+    total = float(np.var(descriptors, axis=0, ddof=1).sum())
     explained = float(pca.variances.sum() / total) if total > 0 else 0.0
     out.parent.mkdir(parents=True, exist_ok=True)
     pca.save(out)
