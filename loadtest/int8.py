@@ -52,7 +52,7 @@ def _sweep(fp32: Path, card, calib: list[Path], held: list[Path], work: Path, th
     batches = list(q.preprocessed(held, card.preset, 32))
     reference = q.logits_of(open_session(fp32, threads=threads), batches)
     sure = softmax(reference.astype(np.float64), axis=1).max(axis=1) >= q.CONFIDENT
-    floor = q.agreement(reference, q.logits_of(open_session(fp32, threads=threads), list(q._reencoded(held, card.preset, 32))))
+    floor = q.agreement(reference, q.logits_of(open_session(fp32, threads=threads), list(q.preprocessed(held, card.preset, 32, read=q.reencoded_jpeg))))
     print(f"noise floor (fp32 vs itself after a JPEG q{q.NOISE_FLOOR_JPEG_QUALITY} re-encode): {floor.summary()}")
     print(f"fp32 is confident (top-1 p >= {q.CONFIDENT}) on {int(sure.sum())} of {len(held)} held-out images")
     probe = np.concatenate(batches)[:8]

@@ -87,6 +87,19 @@ def spec(kind: str, exported: dict[str, Path]) -> str:
     return f"arch={ARCH}{weights},onnx={exported[kind]}"
 
 
+def real_and_random_store(root: Path, exported: dict[str, Path], name: str):  # noqa: ANN201 - RegistryStore
+    """A SQLite store under `root` where `name` 1 = bundled ImageNet weights (coffee -> 967 espresso),
+    2 = seeded random weights, and @production -> 1."""
+    from vision.registry.store import RegistryStore
+    from vision.settings import ModelConfig
+
+    store = RegistryStore(f"sqlite:///{root / 'registry.db'}", str(root / "artifacts"))
+    store.register(name, ModelConfig.parse_spec(spec("real", exported)))
+    store.register(name, ModelConfig.parse_spec(spec("random", exported)))
+    store.promote(name, "1", "production")
+    return store
+
+
 def shuffled_head_weights(path: Path) -> Path:
     """The bundled weights with the classifier's rows permuted: the same network, every class renamed."""
     import torch

@@ -24,8 +24,7 @@ import grpc
 import pytest
 
 from conftest import ServerProcess, classify_request, metric_value, scrape
-from test_registry_helpers import ARCH, exported, shuffled_head_weights, spec  # noqa: F401
-from vision.registry.store import RegistryStore
+from test_registry_helpers import ARCH, exported, real_and_random_store, shuffled_head_weights, spec  # noqa: F401
 from vision.server import Endpoints, serve
 from vision.settings import ModelConfig, ServeSettings
 from vision.v1 import classification_pb2_grpc, common_pb2
@@ -50,11 +49,7 @@ def record_number(key: str, value: object) -> None:
 def registry(tmp_path_factory, exported):
     """lite 1 = bundled ImageNet weights (coffee -> 967 espresso), 2 = seeded random weights; @production -> 1."""
     root = tmp_path_factory.mktemp("registry-serving")
-    store = RegistryStore(f"sqlite:///{root / 'registry.db'}", str(root / "artifacts"))
-    store.register(NAME, ModelConfig.parse_spec(spec("real", exported)))
-    store.register(NAME, ModelConfig.parse_spec(spec("random", exported)))
-    store.promote(NAME, "1", "production")
-    return store, root
+    return real_and_random_store(root, exported, NAME), root
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,8 @@ import time
 
 import pytest
 
-from test_registry_helpers import ARCH, exported, shuffled_head_weights, spec  # noqa: F401
+from test_registry_helpers import ARCH, exported, real_and_random_store, shuffled_head_weights  # noqa: F401
 from test_registry_serving import CLIENTS, NAME, Load, list_models, record_number, wait_status
-from vision.registry.store import RegistryStore
 from vision.server import Endpoints, serve
 from vision.settings import ModelConfig, ServeSettings
 from vision.triton.repository import served_versions
@@ -40,11 +39,7 @@ def triton(tmp_path_factory):
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, exported):
     root = tmp_path_factory.mktemp("registry-triton-store")
-    store = RegistryStore(f"sqlite:///{root / 'registry.db'}", str(root / "artifacts"))
-    store.register(NAME, ModelConfig.parse_spec(spec("real", exported)))
-    store.register(NAME, ModelConfig.parse_spec(spec("random", exported)))
-    store.promote(NAME, "1", "production")
-    return store, root
+    return real_and_random_store(root, exported, NAME), root
 
 
 @pytest.fixture(scope="module")

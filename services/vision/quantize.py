@@ -25,7 +25,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -82,15 +82,18 @@ def image_files(folder: Path) -> list[Path]:
     return files
 
 
-def preprocessed(files: Sequence[Path], preset: "Preset", batch_size: int = 8) -> Iterator[np.ndarray]:
-    """Batches of images decoded and preprocessed as the services do (centre view)."""
+def preprocessed(
+    files: Sequence[Path], preset: "Preset", batch_size: int = 8, read: Callable[[Path], bytes] = Path.read_bytes
+) -> Iterator[np.ndarray]:
+    """Batches of images decoded and preprocessed as the services do (centre view); `read` gives each
+    file's encoded bytes."""
     from vision.errors import InvalidImage
     from vision.imaging import load_image
 
     batch: list[np.ndarray] = []
     for path in files:
         try:
-            batch.append(load_image(path.read_bytes(), preset))
+            batch.append(load_image(read(path), preset))
         except (OSError, InvalidImage) as exc:
             raise ConfigurationError(f"{path}: {exc}") from None
         if len(batch) == batch_size:
@@ -319,24 +322,14 @@ class Report:
         }
 
 
-def _reencoded(files: Sequence[Path], preset: "Preset", batch_size: int) -> Iterator[np.ndarray]:
-    import io
-
+def reencoded_jpeg(path: Path) -> bytes:
+    """The image at `path` saved again as JPEG at NOISE_FLOOR_JPEG_QUALITY (a change nobody can see)."""
     from PIL import Image
 
-    from vision.imaging import load_image
+    from vision.photos import jpeg_bytes
 
-    batch = []
-    for path in files:
-        buf = io.BytesIO()
-        with Image.open(path) as img:
-            img.convert("RGB").save(buf, "JPEG", quality=NOISE_FLOOR_JPEG_QUALITY)
-        batch.append(load_image(buf.getvalue(), preset))
-        if len(batch) == batch_size:
-            yield np.stack(batch)
-            batch = []
-    if batch:
-        yield np.stack(batch)
+    with Image.open(path) as img:
+        return jpeg_bytes(img.convert("RGB"), quality=NOISE_FLOOR_JPEG_QUALITY)
 
 
 def quantize_model(
@@ -380,7 +373,7 @@ def quantize_model(
         sure = softmax(reference.astype(np.float64), axis=1).max(axis=1) >= CONFIDENT
         if sure.any():
             report.confident = agreement(reference[sure], candidate[sure], [n for n, s in zip(names, sure, strict=True) if s])
-        report.noise_floor = agreement(reference, logits_of(fp32, list(_reencoded(held_out, card.preset, 32))), names)
+        report.noise_floor = agreement(reference, logits_of(fp32, list(preprocessed(held_out, card.preset, 32, read=reencoded_jpeg))), names)
     if speed_seconds > 0:
         probe = next(preprocessed((calibration * options.batch_size)[: options.batch_size], card.preset, options.batch_size))
         report.fp32_img_s = forward_speed(fp32, probe, seconds=speed_seconds)

@@ -94,7 +94,7 @@ class Follower:
         from vision.registry.store import probe
 
         try:
-            if self.publisher._store is None:
+            if not self.publisher.store_opened:
                 probe(self.settings.registry_uri or default_registry_uri())
             store = self.publisher.store()
             version = store.resolve(self.uri)
@@ -139,15 +139,12 @@ class Follower:
 
         try:
             package = pkg.load(self.settings.registry_cache / self.name / version, files)
-            self._golden[version] = Golden.load(package.root)
-            self._cards[version] = package.card
-            config = serving_config(package, name=self.name, version=version, base=self.base)
+            config = self._adopt(package, version)
         except ConfigurationError as exc:  # ArtifactCorrupted included
             raise ConfigurationError(f"{self.uri}: the registry is unreachable ({error}) and the cached version {version} "
                                      f"cannot serve: {exc}") from None
         if (config.backend or self.settings.backend) == "triton":
             self._triton_add(config, package)
-        self._files[version] = files
         self.status.error = f"registry unreachable at start-up, serving cached version {version}: {error}"
         log.warning("registry: %s unreachable at start-up (%s); serving cached version %s", self.uri, error, version)
         return config
@@ -163,16 +160,20 @@ class Follower:
         except Exception as exc:  # registry or artifact store unreachable: may work at the next poll
             raise Refused("download", str(exc), permanent=False) from None
         try:
-            self._golden[version] = Golden.load(package.root)
-            self._cards[version] = package.card
-            self._files[version] = package.files
-            config = serving_config(package, name=self.name, version=version, base=self.base)
+            config = self._adopt(package, version)
         except ConfigurationError as exc:
             raise Refused("sha256", str(exc)) from None
         if (config.backend or self.settings.backend) == "triton":
             self._triton_add(config, package)
         self._run_ids[version] = store.version(self.name, version).run_id
         return config
+
+    def _adopt(self, package: Package, version: str) -> "ModelConfig":
+        """Keep a verified package's golden set, card and digests; the config that serves it."""
+        self._golden[version] = Golden.load(package.root)
+        self._cards[version] = package.card
+        self._files[version] = package.files
+        return serving_config(package, name=self.name, version=version, base=self.base)
 
     @property
     def _run_ids(self) -> dict[str, str]:
@@ -408,6 +409,10 @@ class RegistryPublisher:
         self.run_ids: dict[str, dict[str, str]] = {}
         self._store: RegistryStore | None = None
         self._io: concurrent.futures.ThreadPoolExecutor | None = None
+
+    @property
+    def store_opened(self) -> bool:
+        return self._store is not None
 
     def store(self) -> "RegistryStore":
         if self._store is None:
