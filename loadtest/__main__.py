@@ -18,8 +18,18 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from loadtest.harness import LoadtestError, RunResult, SpawnedServer, error_summary, raw_model, raw_run, read_image, service_run
-from vision.settings import available_cpus
+from vision.config.settings import available_cpus
+
+from loadtest.harness import (
+    LoadtestError,
+    RunResult,
+    SpawnedServer,
+    error_summary,
+    raw_model,
+    raw_run,
+    read_image,
+    service_run,
+)
 
 
 def print_result(result: RunResult) -> None:

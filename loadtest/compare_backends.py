@@ -20,6 +20,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from vision.config.settings import available_cpus
+
 from loadtest.harness import (
     RunResult,
     SpawnedServer,
@@ -31,7 +33,6 @@ from loadtest.harness import (
     service_run,
     stage_breakdown,
 )
-from vision.settings import available_cpus
 
 
 def _row(label: str, r: RunResult, stages: dict[str, float] | None) -> str:

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-
-from loadtest.harness import SpawnedServer, read_image
 from vision.tasks.delf import REFERENCE_SCALES
 from vision.v1 import common_pb2, delf_pb2, delf_pb2_grpc
+
+from loadtest.harness import SpawnedServer, read_image
 
 DEFAULT_MODELS = ("efficientnet_lite0", "arch=delf_resnet50,weights=random,delf_score_threshold=0,name=delf_resnet50")
 

@@ -24,12 +24,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from vision.client.delf import Options as DelfOptions
+from vision.client.delf import extract_features
+from vision.client.features import RecipeOptions, cropped, image_files
+from vision.client.features import extract as features_extract
+from vision.evaluation.retrieval import TOP_K, evaluate_ranked, load_ground_truth, rank
+from vision.tasks.delf_match import RERANK_OPTIONS, MatchOptions, rerank_rankings
 
 from loadtest.harness import SpawnedServer
-from vision.delf_client import Options as DelfOptions, extract_features
-from vision.features_client import RecipeOptions, cropped, extract as features_extract, image_files
-from vision.tasks.delf_match import RERANK_OPTIONS, MatchOptions, rerank_rankings
-from vision.tasks.retrieval_metrics import TOP_K, evaluate_ranked, load_ground_truth, rank
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import grpc
+from vision.v1 import common_pb2, features_pb2, features_pb2_grpc
 
 from loadtest.harness import SpawnedServer, raw_model, raw_run, read_image
-from vision.v1 import common_pb2, features_pb2, features_pb2_grpc
 
 RECIPES: dict[str, dict[str, object]] = {
     "center": {"recipe": "center"},

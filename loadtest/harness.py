@@ -15,7 +15,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-
 from vision.v1 import classification_pb2, classification_pb2_grpc, common_pb2
 
 
@@ -127,8 +126,8 @@ async def closed_run(target: str, make_call, image: bytes, concurrency: int, dur
 def raw_model(target: str, model_name: str, weights: Path | None, threads: int):
     """The served model rebuilt in-process through the same loading code, engine, weights and preset."""
     from vision.backends.torch_backend import run_on_torch_thread
-    from vision.loading import load_model
-    from vision.settings import ModelConfig, ServeSettings
+    from vision.config.settings import ModelConfig, ServeSettings
+    from vision.serving.loading import load_model
 
     with grpc.insecure_channel(target) as channel:
         infos = classification_pb2_grpc.ClassificationStub(channel).ListModels(common_pb2.ListModelsRequest(), timeout=30).models
@@ -159,7 +158,7 @@ def raw_model(target: str, model_name: str, weights: Path | None, threads: int):
 
 
 def raw_run(forward, preset, image: bytes, batch_size: int, duration: float, warmup: float) -> RunResult:
-    from vision.imaging import load_image
+    from vision.media.imaging import load_image
 
     latencies: list[float] = []
     start = time.perf_counter()

@@ -3,7 +3,7 @@
     python -m loadtest.int8 --work /tmp/int8              # sweep + forward + end to end (about 8 minutes here)
     python -m loadtest.int8 --work /tmp/int8 --skip-sweep # only the chosen setting, forward and end to end
 
-1. Sets: `vision.photos` writes the calibration and held-out images (no source photo shared).
+1. Sets: `vision.media.photos` writes the calibration and held-out images (no source photo shared).
 2. Sweep: every calibration method with and without the stem and classifier kept in float; each row gives
    held-out agreement, the same on the images fp32 is confident about, and the forward img/s.
 3. Forward: fp32 and int8 at batch 8 on the same threads, alternated over rounds; median ratio.
@@ -24,14 +24,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from vision.backends.onnx_backend import open_session
+from vision.config.settings import ModelConfig, ServeSettings
+from vision.media import photos
+from vision.media.imaging import load_image
+from vision.serving.loading import cached_onnx, model_card
+from vision.evaluation.agreement import agreement
+from vision.tools import quantize as q
 
 from loadtest.harness import SpawnedServer, service_run
-from vision import photos
-from vision import quantize as q
-from vision.backends.onnx_backend import open_session
-from vision.imaging import load_image
-from vision.loading import cached_onnx, model_card
-from vision.settings import ModelConfig, ServeSettings
 
 CHOSEN = ("minmax", ("stem", "head"))
 
@@ -52,7 +53,7 @@ def _sweep(fp32: Path, card, calib: list[Path], held: list[Path], work: Path, th
     batches = list(q.preprocessed(held, card.preset, 32))
     reference = q.logits_of(open_session(fp32, threads=threads), batches)
     sure = softmax(reference.astype(np.float64), axis=1).max(axis=1) >= q.CONFIDENT
-    floor = q.agreement(reference, q.logits_of(open_session(fp32, threads=threads), list(q.preprocessed(held, card.preset, 32, read=q.reencoded_jpeg))))
+    floor = agreement(reference, q.logits_of(open_session(fp32, threads=threads), list(q.preprocessed(held, card.preset, 32, read=q.reencoded_jpeg))))
     print(f"noise floor (fp32 vs itself after a JPEG q{q.NOISE_FLOOR_JPEG_QUALITY} re-encode): {floor.summary()}")
     print(f"fp32 is confident (top-1 p >= {q.CONFIDENT}) on {int(sure.sum())} of {len(held)} held-out images")
     probe = np.concatenate(batches)[:8]
@@ -65,7 +66,7 @@ def _sweep(fp32: Path, card, calib: list[Path], held: list[Path], work: Path, th
             q.quantize(fp32, out, calib, card.preset, q.QuantizeOptions(method=method, exclude=exclude))
             session = open_session(out, threads=threads)
             candidate = q.logits_of(session, batches)
-            overall, confident = q.agreement(reference, candidate), q.agreement(reference[sure], candidate[sure])
+            overall, confident = agreement(reference, candidate), agreement(reference[sure], candidate[sure])
             speed = q.forward_speed(session, probe, seconds=2.0)
             row = {"method": method, "exclude": list(exclude), "top1": overall.top1_agreement, "top5": overall.top5_overlap,
                    "kl": overall.mean_kl, "top1_confident": confident.top1_agreement, "img_s": speed, "x_fp32": speed / fp32_speed}

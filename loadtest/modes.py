@@ -14,7 +14,7 @@ Modes (`--modes`, in this order by default):
               batch 1 and --max-batch-size, decode + preprocess + forward + top-5 (the peer handler's code)
   standalone-torch  `vision serve --backend torch` (the service on the peer's engine)
   torchserve  TorchServe 0.12 over its gRPC Predictions API, serving the same state dict with
-              loadtest/torchserve_handler.py (vision.imaging decode, channels_last, --threads torch
+              loadtest/torchserve_handler.py (vision.media.imaging decode, channels_last, --threads torch
               threads, batchSize = --max-batch-size, one worker); needs loadtest/torchserve_setup.sh's
               virtualenv and Java, skipped with the reason otherwise
 
@@ -42,9 +42,10 @@ from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
+from vision.config.settings import available_cpus
+
 from loadtest.harness import RunResult, SpawnedServer, closed_run, raw_model, raw_run, read_image
 from loadtest.openloop import RPCS, OpenLoopResult, knee, parse_mix, sweep
-from vision.settings import available_cpus
 
 MODES = ("raw", "standalone", "triton", "ray", "ray-split", "raw-torch", "standalone-torch", "torchserve")
 DEFAULT_MODES = tuple(m for m in MODES if m != "ray-split")
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 forward, preset, info = raw_model(server.target, "", None, args.threads)
                 raw_baseline("raw", forward, preset)
                 mode_settings["raw"] = (f"{info.backend} in-process, {args.threads} threads, batch 1 and {args.max_batch_size}, "
-                                        "vision.imaging decode + preprocess + forward, no gRPC")
+                                        "vision.media.imaging decode + preprocess + forward, no gRPC")
                 del forward
             if "standalone" in modes:
                 mode_settings["standalone"] = "vision serve " + " ".join(server_args)
@@ -222,7 +223,7 @@ def _torch_modes(args: argparse.Namespace, modes: list[str], image: bytes, drive
             settings["torch_forward_only_images_per_second"] = round(forward_only, 1)
             print(f"raw-torch forward only, batch {args.max_batch_size}: {forward_only:.1f} img/s", flush=True)
             mode_settings["raw-torch"] = (f"eager torch {torch.__version__} in-process, channels_last, inference_mode, "
-                                          f"{args.threads} threads, batch 1 and {args.max_batch_size}, vision.imaging decode + "
+                                          f"{args.threads} threads, batch 1 and {args.max_batch_size}, vision.media.imaging decode + "
                                           "preprocess + forward + softmax top-5 (loadtest/torchserve_handler.PeerModel)")
             del model
         if "standalone-torch" in modes:
@@ -252,7 +253,7 @@ def _torch_modes(args: argparse.Namespace, modes: list[str], image: bytes, drive
                     f"TorchServe 0.12.0 (its own venv, torch {peer_torch_version(ts)}), gRPC Predictions, 1 worker, "
                     f"batchSize {args.max_batch_size}, maxBatchDelay {args.torchserve_batch_delay_ms} ms, "
                     f"{args.threads} torch threads, channels_last, handler loadtest/torchserve_handler.py "
-                    "(vision.imaging decode), async_logging, all addresses on 127.0.0.1")
+                    "(vision.media.imaging decode), async_logging, all addresses on 127.0.0.1")
                 drive("torchserve", server.target, rpcs={name: call for name in RPCS})
                 stats = ts.batch_stats(work)
                 if stats:

@@ -28,10 +28,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
+from vision.v1 import (
+    classification_pb2,
+    classification_pb2_grpc,
+    common_pb2,
+    features_pb2,
+    features_pb2_grpc,
+    tagging_pb2,
+    tagging_pb2_grpc,
+)
 
 from loadtest.harness import read_image
-from vision.v1 import classification_pb2, classification_pb2_grpc, common_pb2, features_pb2, features_pb2_grpc
-from vision.v1 import tagging_pb2, tagging_pb2_grpc
 
 # Latencies are recorded in microseconds from 1 µs to 10 minutes.
 _HDR_MAX_US = 600_000_000

@@ -3,7 +3,7 @@
     python -m loadtest.ranking --database 100000 --dim 1280 --queries 70
 
 mAP needs every database item ranked for every query, so faiss is asked for k = N neighbours. The
-evaluator (vision.tasks.retrieval_metrics.rank) uses whichever measured faster here.
+evaluator (vision.evaluation.retrieval.rank) uses whichever measured faster here.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import sys
 import time
 
 import numpy as np
-
+from vision.evaluation.retrieval import rank
 from vision.tasks.features import l2_normalize
-from vision.tasks.retrieval_metrics import rank
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from vision.v1 import classification_pb2, classification_pb2_grpc, common_pb2, tagging_pb2, tagging_pb2_grpc
 
 from loadtest.harness import SpawnedServer, read_image
-from vision.v1 import classification_pb2, classification_pb2_grpc, common_pb2, tagging_pb2, tagging_pb2_grpc
 
 TARGET_MAX_MS = 250.0
 

@@ -5,7 +5,7 @@ What the harness does here, and why:
   (bundled or seeded-random weights, as `vision serve` would) and saves its state dict: the one file the
   peer gets, so both sides run identical tensors.
 - `archive`: `torch-model-archiver --archive-format no-archive` with loadtest/torchserve_handler.py and a
-  `vision_peer.json` (architecture, threads, batch, top-k, the checkout's services/ path for vision.imaging).
+  `vision_peer.json` (architecture, threads, batch, top-k, the checkout's services/ path for vision.media.imaging).
   No zip: a 100 MB ResNet-50 state dict would only be packed and unpacked again.
 - `TorchServe`: starts TorchServe 0.12 from its own virtualenv (loadtest/torchserve_setup.sh) with every
   address on 127.0.0.1 and free ports, one worker, batchSize = --max-batch-size, the model registered from
@@ -79,15 +79,14 @@ def export_model(spec: str, out_dir: Path) -> PeerModelSpec:
     """The served model of `spec` (a `vision serve --model` spec), rebuilt as `vision serve` builds it,
     saved as a plain state dict in `out_dir`."""
     import torch
-
-    from vision.loading import model_card
+    from vision.config.settings import ModelConfig, ServeSettings
     from vision.models import create_model
-    from vision.settings import ModelConfig, ServeSettings
+    from vision.serving.loading import model_card
 
     config = ModelConfig.parse_spec(spec)
     settings = ServeSettings(backend="torch", models=[config])
     card, weights = model_card(config, settings)
-    # The same call as vision.loading.build_torch_module, without the output taps: TorchServe gets the plain
+    # The same call as vision.serving.loading.build_torch_module, without the output taps: TorchServe gets the plain
     # network (logits), and with pretrained=False the spec's weights (or seeded random init) decide.
     module = create_model(config.arch, num_classes=card.signature.num_classes, weights=weights, pretrained=False)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,9 +152,8 @@ def config_properties(store: Path, ports: dict[str, int], *, batch_size: int, ma
 
 def grpc_stubs(venv: Path | None = None, out_dir: Path | None = None) -> tuple[ModuleType, ModuleType]:
     """(inference_pb2, inference_pb2_grpc) compiled from the inference.proto inside TorchServe's jar."""
-    from grpc_tools import protoc
-
     import google.rpc.status_pb2
+    from grpc_tools import protoc
 
     jar = _jar(venv or venv_path())
     out = out_dir or Path(tempfile.mkdtemp(prefix="torchserve-proto-"))

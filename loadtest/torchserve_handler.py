@@ -1,7 +1,7 @@
 """TorchServe handler for the peer that `python -m loadtest.modes` compares this service against.
 
 The peer must do the same work as `vision serve`, or the comparison says nothing: it receives the encoded
-image (server-side decode), decodes and preprocesses it with the project's own `vision.imaging`
+image (server-side decode), decodes and preprocesses it with the project's own `vision.media.imaging`
 (resize 256 / centre crop 224 / normalise, JPEG draft decode: imported from the checkout, not mirrored),
 builds the architecture with the project's builders (`vision.models.create_model`) and loads the very state
 dict the harness saved from the served model, runs it in eager torch with channels_last under
@@ -62,8 +62,7 @@ class PeerModel:
     def __init__(self, arch: str, num_classes: int, state_dict: Path, *, threads: int, preset: str = "torchvision",
                  top_k: int = 5, channels_last: bool = True) -> None:
         import torch
-
-        from vision.imaging import get_preset
+        from vision.media.imaging import get_preset
         from vision.models import create_model
 
         # The same intra-op thread count as the service's engine (--threads); one TorchServe worker.
@@ -81,7 +80,7 @@ class PeerModel:
 
     def preprocess(self, images: list[bytes]) -> np.ndarray:
         """Encoded images → float32 (N, 3, crop, crop), through the service's own decode and preprocessing."""
-        from vision.imaging import load_image
+        from vision.media.imaging import load_image
 
         return np.stack([load_image(data, self.preset) for data in images])
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Generate the ImageNet-1k WordNet hierarchy in Tencent ML-Images format.
 
-The output (committed as services/vision/models/data/imagenet_wordnet_hierarchy.tsv)
+The output (committed as services/vision/labels/data/imagenet_wordnet_hierarchy.tsv)
 is a 4-column, tab-separated file with the header
 
     category_index  category_id  index_of_parent_category  category name
 
-and is read by ``vision.vocab.load_mlimages``. Layout:
+and is read by ``vision.labels.vocab.load_mlimages``. Layout:
 
 * Indices 0..999 are the 1000 ImageNet-1k classes in model output order, so a
   classifier's output index is its label index. The order and WordNet ids come
@@ -43,7 +43,7 @@ import sys
 from pathlib import Path
 
 ROOT_WNID = "n00001740"  # entity.n.01
-DEFAULT_OUT = "services/vision/models/data/imagenet_wordnet_hierarchy.tsv"
+DEFAULT_OUT = "services/vision/labels/data/imagenet_wordnet_hierarchy.tsv"
 HEADER = "category_index\tcategory_id\tindex_of_parent_category\tcategory name"
 
 

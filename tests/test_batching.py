@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vision.backends.batching import BatchStats, DynamicBatcher
-from vision.errors import ResourceExhausted, Unavailable
+from vision.core.errors import ResourceExhausted, Unavailable
 
 
 class RecordingModel:

@@ -253,7 +253,7 @@ def test_each_service_deployment_serves_and_probes_its_own_service(values):
         grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
         for probe in ("startupProbe", "readinessProbe"):
             assert container[probe]["grpc"] == {"port": grpc_port, "service": grpc_name}, (name, probe)
-        # Liveness: the process, not its models (vision.server.LIVENESS).
+        # Liveness: the process, not its models (vision.runners.server.LIVENESS).
         assert container["livenessProbe"]["grpc"] == {"port": grpc_port, "service": "vision.liveness"}
         (svc_port,) = [p for p in svc["spec"]["ports"] if p["name"] == "grpc"]
         assert svc_port["targetPort"] == "grpc" and svc_port["appProtocol"] == "grpc"
@@ -275,7 +275,7 @@ def test_adding_a_service_is_one_values_entry():
 
 def test_services_get_settings_that_vision_serve_accepts(monkeypatch):
     """The rendered env and args parse as ServeSettings (the real validation `vision serve` runs)."""
-    from vision.settings import SERVICE_NAMES, ServeSettings
+    from vision.config.settings import SERVICE_NAMES, ServeSettings
 
     # Keys the chart sets for parts whose settings arrive with the jobs issue.
     pending = {"VISION_REDIS_URL"}
@@ -303,7 +303,7 @@ def test_services_get_settings_that_vision_serve_accepts(monkeypatch):
 def test_values_schema_settings_are_vision_serve_settings():
     """Every setting values.schema.json accepts is a real `vision serve` setting. (The schema rejects unknown
     keys, so a misspelt setting fails `helm install`; a new setting is one schema line, or extraEnv.)"""
-    from vision.settings import ServeSettings
+    from vision.config.settings import ServeSettings
 
     schema = json.loads((CHART / "values.schema.json").read_text())
     in_schema = {re.sub(r"(?<!^)([A-Z])", r"_\1", k).lower() for k in schema["properties"]["settings"]["properties"]}
@@ -316,8 +316,8 @@ def test_values_schema_settings_are_vision_serve_settings():
     "limit, expected", [("2", 2), ("1500m", 2), ("500m", 1), ("4", 4), ("250m", 1), (None, "node")]
 )
 def test_threads_annotation_matches_the_servers_cgroup_rule(limit, expected):
-    """The chart documents the thread count of a replica; vision.cpus derives it from the same quota."""
-    from vision.cpus import _clamp
+    """The chart documents the thread count of a replica; vision.core.cpus derives it from the same quota."""
+    from vision.core.cpus import _clamp
 
     flags = (
         ["--set", f"serviceDefaults.resources.limits.cpu={limit}"]
@@ -449,7 +449,7 @@ def test_flower_listens_where_the_workers_send_events():
     a plain `celery --broker=URL flower` would see no worker and no job."""
     import runpy
 
-    from vision.jobs.config import JobsConfig
+    from vision.config.jobs import JobsConfig
 
     docs = render("all-on")
     (flower,) = [d for d in of_kind(docs, "Deployment") if component(d) == "flower"]
@@ -530,9 +530,9 @@ def metric_names(expr: str) -> set[str]:
 
 
 def exported_metric_names() -> set[str]:
-    """Every sample name the serving process exports: vision.metrics plus prometheus_client's collectors."""
+    """Every sample name the serving process exports: vision.core.metrics plus prometheus_client's collectors."""
     import prometheus_client
-    import vision.metrics  # noqa: F401 - registers the metrics in the default registry
+    import vision.core.metrics  # noqa: F401 - registers the metrics in the default registry
 
     names = set()
     for family in prometheus_client.REGISTRY.collect():
@@ -569,7 +569,7 @@ def test_every_metric_in_alerts_and_dashboards_exists():
         for name in metric_names(expr):
             used.setdefault(name, []).append(f"panel {title!r}")
     unknown = {name: where for name, where in used.items() if name not in known}
-    assert not unknown, f"metrics that neither vision.metrics nor Triton/Flower export: {unknown}"
+    assert not unknown, f"metrics that neither vision.core.metrics nor Triton/Flower export: {unknown}"
     # The dashboard covers what the issue asks for.
     assert {
         "vision_requests_total",
@@ -609,7 +609,7 @@ def test_monitoring_resources_only_behind_the_switch():
 
 def test_memory_and_threads_are_documented_in_the_chart():
     values = (CHART / "values.yaml").read_text()
-    assert "services/vision/cpus.py" in values and "RSS" in values and "limits.cpu" in values
+    assert "services/vision/core/cpus.py" in values and "RSS" in values and "limits.cpu" in values
     notes = Path(CHART / "templates" / "NOTES.txt").read_text()
     assert "threads per replica" in notes
 
@@ -620,7 +620,7 @@ def test_the_ray_service_mode_renders_only_when_switched_on():
     (ray,) = of_kind(render("defaults", "--set", "ray.enabled=true", "--set", "ray.services={classification,features}"), "RayService")
     config = yaml.safe_load(ray["spec"]["serveConfigV2"])
     (app,) = config["applications"]
-    assert app["import_path"] == "vision.ray.app:build_app"
+    assert app["import_path"] == "vision.runners.ray.app:build_app"
     assert app["args"]["settings"]["services"] == ["classification", "features"]
     groups = [ray["spec"]["rayClusterConfig"]["headGroupSpec"], *ray["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
     for group in groups:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vision import cpus
-from vision.cpus import available_cpus, cgroup_cpu_limit, describe_cpus
+from vision.core import cpus
+from vision.core.cpus import available_cpus, cgroup_cpu_limit, describe_cpus
 
 AFFINITY = 64  # a big node, so every quota below is the binding limit unless a test says otherwise
 

@@ -377,7 +377,7 @@ def test_a_retired_versions_delf_series_are_removed():
     # What ModelRepository.retire calls (tests/test_live_models.py drives a real retirement).
     from prometheus_client import generate_latest
 
-    from vision import metrics
+    from vision.core import metrics
 
     for version in ("7", "8"):
         metrics.DELF_KEYPOINTS.labels(model="delf_retire", version=version).observe(1000)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vision.errors import InvalidArgument
+from vision.core.errors import InvalidArgument
 from vision.tasks.delf import DelfFeatures
 from vision.tasks.delf_match import (
     MatchOptions,

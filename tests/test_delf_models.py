@@ -150,7 +150,7 @@ def test_backbone_starts_from_a_torchvision_resnet50_state_dict():
 
 
 def test_delf_preset_is_minus_128_over_128():
-    from vision.imaging import get_preset
+    from vision.media.imaging import get_preset
 
     preset = get_preset(get_architecture("delf_resnet50").defaults.preset)
     pixels = np.array([[[0, 128, 255]]], dtype=np.uint8)
@@ -160,7 +160,7 @@ def test_delf_preset_is_minus_128_over_128():
 def test_delf_exports_to_onnx_with_dynamic_height_and_width(tmp_path):
     import onnxruntime as ort
 
-    from vision.export import export_onnx
+    from vision.models.export import export_onnx
 
     signature = get_architecture("delf_resnet50").signature(0)
     module = with_outputs("delf_resnet50", create_model("delf_resnet50", pretrained=False), 0)

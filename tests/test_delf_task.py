@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import encode, photo
-from vision.errors import ConfigurationError, InvalidArgument, InvalidImage
-from vision.imaging import DecodeLimits, decode_image, get_preset
+from vision.core.errors import ConfigurationError, InvalidArgument, InvalidImage
+from vision.media.imaging import DecodeLimits, decode_image, get_preset
 from vision.models import get_architecture
 from vision.models.signature import FeatureLayer, Signature
 from vision.tasks.delf import (
@@ -35,7 +35,7 @@ from vision.tasks.delf import (
     level_sizes,
     load_delf_model,
 )
-from vision.views import ViewSpec, full_views
+from vision.media.views import ViewSpec, full_views
 
 LAYER3 = FeatureLayer("layer3", 8, 16, receptive_field=267, padding=133)
 
@@ -293,12 +293,12 @@ def test_bad_options_name_the_parameter(kwargs, message):
 
 
 def test_a_request_may_lower_the_cap_not_raise_it_and_levels_stay_bounded():
-    from vision.repository import ModelCard
+    from vision.models.card import ModelCard
 
     card = ModelCard(
         name="m", version="1", architecture="delf_resnet50", task="features", labels=(), preset=get_preset("delf"),
         backend="onnxruntime", signature=get_architecture("delf_resnet50").signature(0),
-        delf=load_delf_model("m", get_architecture("delf_resnet50").signature(0)),
+        artifacts={"delf": load_delf_model("m", get_architecture("delf_resnet50").signature(0))},
     )
     task = DelfExtraction()
     task.validate(card, ExtractParams(ExtractOptions(max_image_side=512), ()))

@@ -59,7 +59,7 @@ def test_two_stages_move_the_attention_toward_the_pattern(run):
 def test_the_run_writes_servable_checkpoints_labels_and_metrics(run):
     import json
 
-    from vision.models.labels import resolve_labels
+    from vision.labels.names import resolve_labels
 
     files = run["result"].files
     assert set(files) == {"stage1", "model", "delf", "labels", "metrics"}

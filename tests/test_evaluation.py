@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from vision.tasks.tagging_metrics import (
+from vision.evaluation.tagging import (
     average_precision,
     best_f1_thresholds,
     binarize,

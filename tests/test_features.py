@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from conftest import ServerProcess, encode, metric_value, photo, scrape
-from vision.errors import InvalidArgument
-from vision.servicers.features import decode_descriptor
+from vision.core.errors import InvalidArgument
+from vision.api.codec import decode_descriptor
 from vision.tasks import features as F
-from vision.tasks.retrieval_metrics import GroundTruth, Query, average_precision, evaluate, load_ground_truth
+from vision.evaluation.retrieval import GroundTruth, Query, average_precision, evaluate, load_ground_truth
 from vision.v1 import common_pb2, features_pb2, features_pb2_grpc
 
 # --- poolings ------------------------------------------------------------------------------------------
@@ -147,8 +147,8 @@ def test_revisited_settings_and_mean_precision(tmp_path):
 
 @pytest.fixture(scope="module")
 def lite_card():
-    from vision.loading import model_card
-    from vision.settings import ModelConfig, ServeSettings
+    from vision.serving.loading import model_card
+    from vision.config.settings import ModelConfig, ServeSettings
 
     return model_card(ModelConfig(arch="efficientnet_lite0"), ServeSettings())[0]
 
@@ -213,7 +213,7 @@ def test_ten_crop_is_the_mean_of_ten_crops_in_one_forward_pass(server, features_
     import onnxruntime as ort
     import torchvision.transforms as T
 
-    from vision.imaging import PRESETS
+    from vision.media.imaging import PRESETS
 
     before = scrape(server.metrics_url)
     vectors, _ = _extract(features_stub, [photos["chelsea.png"]], recipe="ten_crop")

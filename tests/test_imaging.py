@@ -11,8 +11,8 @@ from PIL import Image
 from torchvision import transforms
 
 from conftest import encode, photo
-from vision.errors import ConfigurationError, InvalidImage
-from vision.imaging import PRESETS, DecodeLimits, Preset, decode_image, get_preset, load_image, preprocess, to_rgb
+from vision.core.errors import ConfigurationError, InvalidImage
+from vision.media.imaging import PRESETS, DecodeLimits, Preset, decode_image, get_preset, load_image, preprocess, to_rgb
 
 
 def torchvision_reference(img: Image.Image, mean, std) -> np.ndarray:
@@ -155,7 +155,7 @@ def test_extreme_aspect_ratio_costs_only_the_crop():
 def test_crop_only_resize_equals_resize_then_crop(size):
     img = photo("astronaut.png").resize(size, Image.Resampling.BICUBIC)
     ref = transforms.CenterCrop(224)(transforms.Resize(256)(img))
-    from vision.imaging import resize_center_crop
+    from vision.media.imaging import resize_center_crop
 
     ours = resize_center_crop(img, 256, 224)
     assert np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(ref, dtype=np.int16)).max() <= 1

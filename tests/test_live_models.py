@@ -14,9 +14,9 @@ import grpc
 import pytest
 
 from conftest import classify_request, metric_value, scrape
-from vision.loading import load_repository, publish
-from vision.server import Endpoints, serve
-from vision.settings import ModelConfig, ServeSettings
+from vision.serving.loading import load_repository, publish
+from vision.runners.server import Endpoints, serve
+from vision.config.settings import ModelConfig, ServeSettings
 from vision.v1 import classification_pb2_grpc
 
 NAME = "lite"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vision.errors import ConfigurationError
+from vision.core.errors import ConfigurationError
 from vision.models import EMBEDDING, LOGITS, create_model, get_architecture, list_architectures, register_model, with_outputs
 from vision.models.weights import read_state_dict
 
@@ -87,7 +87,7 @@ def test_duplicate_registration_is_refused():
 
 def test_bundled_efficientnet_weights_are_the_real_imagenet_ones():
     from conftest import photo
-    from vision.imaging import PRESETS, preprocess
+    from vision.media.imaging import PRESETS, preprocess
 
     model = create_model("efficientnet_lite0")
     x = torch.from_numpy(np.stack([preprocess(photo("coffee.png"), PRESETS["torchvision"])]))
@@ -126,6 +126,6 @@ def test_random_initialisation_is_seeded():
 def test_imagenet_names_are_torchvisions_public_metadata():
     from torchvision.models import ResNet50_Weights
 
-    from vision.models.labels import imagenet_names
+    from vision.labels.names import imagenet_names
 
     assert imagenet_names() == tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])

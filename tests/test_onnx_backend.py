@@ -12,13 +12,13 @@ import torch
 from conftest import photo
 from vision.backends.onnx_backend import OnnxRuntimeBackend
 from vision.backends.torch_backend import TorchBackend, run_on_torch_thread
-from vision.errors import ConfigurationError
-from vision.export import PARITY_TOLERANCE, export_onnx
-from vision.imaging import PRESETS, preprocess
-from vision.loading import load_model
+from vision.core.errors import ConfigurationError
+from vision.models.export import PARITY_TOLERANCE, export_onnx
+from vision.media.imaging import PRESETS, preprocess
+from vision.serving.loading import load_model
 from vision.models import InputGeometry, create_model, get_architecture, with_outputs
-from vision.repository import ModelRepository
-from vision.settings import ModelConfig, ServeSettings
+from vision.serving.repository import ModelRepository
+from vision.config.settings import ModelConfig, ServeSettings
 
 
 def signature_of(arch: str, num_classes: int, crop: int = 224):

@@ -15,11 +15,13 @@ import pytest
 
 from conftest import ServerProcess, classify_request, photos
 from test_registry_helpers import ARCH, exported, spec  # noqa: F401
-from vision import quantize as q
-from vision.errors import ConfigurationError
+from vision.evaluation.agreement import agreement
+from vision.models.precision import precision_of
+from vision.tools import quantize as q
+from vision.core.errors import ConfigurationError
 from vision.registry.golden import Golden
 from vision.registry.store import RegistryStore
-from vision.settings import ModelConfig
+from vision.config.settings import ModelConfig
 from vision.v1 import classification_pb2_grpc, common_pb2
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -70,17 +72,17 @@ def test_the_report_is_measured_on_the_held_out_images(quantized):
     assert report["confident"]["images"] <= 40 and report["noise_floor"]["images"] == 40
     assert report["excluded"] == ["/conv_stem/Conv", "/classifier/Gemm"], "stem and classifier stay float by default"
     assert report["forward"]["fp32_img_s"] > 0 and report["forward"]["int8_img_s"] > 0
-    assert q.precision_of(quantized["path"]) == "int8"
+    assert precision_of(quantized["path"]) == "int8"
 
 
 def test_agreement_counts_what_it_says():
     reference = np.array([[5.0, 1, 0, 0, 0, 0], [0, 5, 1, 0, 0, 0], [0, 0, 5, 1, 0, 0], [0, 0, 0, 5, 1, 0]])
-    same = q.agreement(reference, reference)
+    same = agreement(reference, reference)
     assert (same.top1_agreement, same.top5_overlap, same.mean_kl, same.changed) == (1.0, 1.0, 0.0, [])
     swapped = reference.copy()
     swapped[0, [0, 1]] = swapped[0, [1, 0]]  # image 0's top-1 becomes class 1
     swapped[3, 5] = 9.0  # image 3: top-1 becomes class 5, which was outside its top-5
-    result = q.agreement(reference, swapped, ["a", "b", "c", "d"])
+    result = agreement(reference, swapped, ["a", "b", "c", "d"])
     assert result.top1_agreement == 0.5 and result.changed == [("a", 0, 1), ("d", 3, 5)]
     assert result.top5_overlap == pytest.approx((5 + 5 + 5 + 4) / 20)
     assert result.mean_kl > 0
@@ -88,7 +90,7 @@ def test_agreement_counts_what_it_says():
 
 def test_quantized_model_keeps_real_answers(quantized, photos):
     from vision.backends.onnx_backend import open_session
-    from vision.imaging import PRESETS, load_image
+    from vision.media.imaging import PRESETS, load_image
 
     images = photos
     batch = np.stack([load_image(images[name], PRESETS["torchvision"]) for name in ("coffee.jpg", "chelsea.png")])
@@ -121,12 +123,12 @@ def test_json_report_stays_parseable_with_a_histogram_method(sets, tmp_path):
                      "--method", "percentile", "--speed-seconds", "0", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["method"] == "percentile" and report["held_out"] is None and q.precision_of(out) == "int8"
+    assert report["method"] == "percentile" and report["held_out"] is None and precision_of(out) == "int8"
 
 
 def test_torch_backend_refuses_an_int8_file(quantized):
-    from vision.loading import model_card
-    from vision.settings import ServeSettings
+    from vision.serving.loading import model_card
+    from vision.config.settings import ServeSettings
 
     config = ModelConfig.parse_spec(f"arch={ARCH},onnx={quantized['path']},backend=torch")
     with pytest.raises(ConfigurationError, match="int8 ONNX model"):
@@ -208,7 +210,7 @@ def test_int8_runs_behind_triton_like_in_process(quantized, photos, tmp_path):
     import tritonclient.grpc as triton_grpc
 
     from vision.backends.onnx_backend import open_session
-    from vision.imaging import PRESETS, load_image
+    from vision.media.imaging import PRESETS, load_image
     from vision.triton import TritonProcess, setup_runtime
 
     repository = tmp_path / "repository"

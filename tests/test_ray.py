@@ -232,7 +232,7 @@ def test_serve_config_written_for_serve_run(ray_server):
     config = yaml.safe_load(ray_server.config_path.read_text())
     ServeDeploySchema.model_validate(config)  # what `serve deploy` checks
     app = config["applications"][0]
-    assert app["import_path"] == "vision.ray.app:build_app"
+    assert app["import_path"] == "vision.runners.ray.app:build_app"
     assert config["grpc_options"]["port"] == int(ray_server.address.rsplit(":", 1)[1])
     assert config["http_options"]["host"] == "127.0.0.1"
     (ingress,) = app["deployments"]

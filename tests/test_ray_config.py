@@ -6,10 +6,10 @@ import pytest
 
 pytest.importorskip("ray")
 
-from vision.ray.app import INGRESS, deployment_options, inference_name, serve_config  # noqa: E402
-from vision.ray.grpc_services import AliasedHandler, captured_methods, ray_method_name, rpc_methods, servicer_functions  # noqa: E402
-from vision.ray.metrics import merge_expositions  # noqa: E402
-from vision.settings import ServeSettings  # noqa: E402
+from vision.runners.ray.app import INGRESS, deployment_options, inference_name, serve_config  # noqa: E402
+from vision.runners.ray.grpc_services import AliasedHandler, captured_methods, ray_method_name, rpc_methods, servicer_functions  # noqa: E402
+from vision.runners.ray.metrics import merge_expositions  # noqa: E402
+from vision.config.settings import ServeSettings  # noqa: E402
 from vision.v1 import tagging_pb2_grpc  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def test_config_validates_as_a_serve_deploy_schema():
     config = serve_config(settings, grpc_port=50051, http_host="127.0.0.1", http_port=8000)
     schema = ServeDeploySchema.model_validate(config)
     assert schema.grpc_options.grpc_servicer_functions == [
-        "vision.ray.grpc_services.add_classification", "vision.ray.grpc_services.add_health"
+        "vision.runners.ray.grpc_services.add_classification", "vision.runners.ray.grpc_services.add_health"
     ]
     args = config["applications"][0]["args"]["settings"]
     args.pop("onnx_cache", None)  # conftest sets VISION_ONNX_CACHE: a non-default setting, passed on

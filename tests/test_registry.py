@@ -13,12 +13,12 @@ import pytest
 
 from conftest import ROOT
 from test_registry_helpers import ARCH, exported, postgres_databases, spec, store_uri  # noqa: F401
-from vision.errors import ConfigurationError, NotFound
+from vision.core.errors import ConfigurationError, NotFound
 from vision.registry.golden import Golden
 from vision.registry.package import ONNX, WEIGHTS, ArtifactCorrupted
 from vision.registry.store import RegistryError, RegistryStore
-from vision.registry.uri import ModelUri, parse_model_uri
-from vision.settings import ModelConfig
+from vision.config.uri import ModelUri, parse_model_uri
+from vision.config.settings import ModelConfig
 
 # ImageNet answers of the bundled weights on the default golden photos: espresso, tabby, missile, moped.
 REAL_TOP1 = [967, 281, 657, 665]
@@ -263,8 +263,8 @@ def test_the_default_store_lives_under_the_data_dir_and_writes_nothing_to_the_cw
 
 def test_serving_does_not_import_mlflow_without_registry_models():
     code = (
-        "import sys, vision.cli, vision.server, vision.loading, vision.settings, vision.registry.uri;"
-        "from vision.settings import ModelConfig; ModelConfig.parse_spec('models:/lite@production');"
+        "import sys, vision.cli, vision.runners.server, vision.serving.loading, vision.config.settings, vision.config.uri;"
+        "from vision.config.settings import ModelConfig; ModelConfig.parse_spec('models:/lite@production');"
         "assert 'mlflow' not in sys.modules and 'sqlalchemy' not in sys.modules, sorted(m for m in sys.modules if 'mlflow' in m)[:5]"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -295,7 +295,7 @@ def test_registry_model_specs_parse():
 
 
 def test_registry_models_and_settings_come_from_env_vars_too(monkeypatch):
-    from vision.settings import ServeSettings
+    from vision.config.settings import ServeSettings
 
     monkeypatch.setenv("VISION_MODELS", json.dumps([{"registry": "models:/lite@production"}]))
     monkeypatch.setenv("VISION_REGISTRY_URI", "postgresql://postgres@127.0.0.1:5432/registry")

@@ -69,8 +69,8 @@ def store_uri(kind: str, tmp: Path, request: pytest.FixtureRequest) -> tuple[str
 def exported(onnx_cache: Path) -> dict[str, Path]:
     """ONNX exports of the bundled EfficientNet-Lite0 ("real") and of its seeded random weights ("random"),
     from the session's export cache (so modules importing this fixture share one export)."""
-    from vision.loading import cached_onnx, model_card
-    from vision.settings import ModelConfig, ServeSettings
+    from vision.serving.loading import cached_onnx, model_card
+    from vision.config.settings import ModelConfig, ServeSettings
 
     out = {}
     for key, spec in (("real", ARCH), ("random", f"arch={ARCH},weights=random")):
@@ -91,7 +91,7 @@ def real_and_random_store(root: Path, exported: dict[str, Path], name: str):  # 
     """A SQLite store under `root` where `name` 1 = bundled ImageNet weights (coffee -> 967 espresso),
     2 = seeded random weights, and @production -> 1."""
     from vision.registry.store import RegistryStore
-    from vision.settings import ModelConfig
+    from vision.config.settings import ModelConfig
 
     store = RegistryStore(f"sqlite:///{root / 'registry.db'}", str(root / "artifacts"))
     store.register(name, ModelConfig.parse_spec(spec("real", exported)))

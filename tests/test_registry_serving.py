@@ -25,8 +25,8 @@ import pytest
 
 from conftest import ServerProcess, classify_request, metric_value, scrape
 from test_registry_helpers import ARCH, exported, real_and_random_store, shuffled_head_weights, spec  # noqa: F401
-from vision.server import Endpoints, serve
-from vision.settings import ModelConfig, ServeSettings
+from vision.runners.server import Endpoints, serve
+from vision.config.settings import ModelConfig, ServeSettings
 from vision.v1 import classification_pb2_grpc, common_pb2
 
 NAME = "lite"

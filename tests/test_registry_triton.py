@@ -16,8 +16,8 @@ import pytest
 
 from test_registry_helpers import ARCH, exported, real_and_random_store, shuffled_head_weights  # noqa: F401
 from test_registry_serving import CLIENTS, NAME, Load, list_models, record_number, wait_status
-from vision.server import Endpoints, serve
-from vision.settings import ModelConfig, ServeSettings
+from vision.runners.server import Endpoints, serve
+from vision.config.settings import ModelConfig, ServeSettings
 from vision.triton.repository import served_versions
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tritonserver binary is Linux-only")

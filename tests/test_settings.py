@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from vision.cli import build_parser
-from vision.errors import ConfigurationError
-from vision.settings import ModelConfig, ServeSettings
+from vision.core.errors import ConfigurationError
+from vision.config.settings import ModelConfig, ServeSettings
 
 
 def test_environment_variables_configure_everything(monkeypatch):

@@ -10,17 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from vision.errors import ConfigurationError, InvalidArgument, NotFound
-from vision.tasks.tagging_metrics import best_f1_thresholds
-from vision.imaging import get_preset
+from vision.core.errors import ConfigurationError, InvalidArgument, NotFound
+from vision.evaluation.tagging import best_f1_thresholds
+from vision.media.imaging import get_preset
 from vision.models import create_model, get_architecture
-from vision.models.labels import imagenet_names
+from vision.labels.names import imagenet_names
 from vision.models.signature import Signature
-from vision.repository import ModelCard, ModelRepository, ServedModel
-from vision.settings import ModelConfig
+from vision.models.card import ModelCard
+from vision.serving.repository import ModelRepository, ServedModel
+from vision.config.settings import ModelConfig
 from conftest import ML_IMAGES_TREE
 from vision.tasks.tagging import TagOptions, Tagger, Thresholds, load_tagger, load_thresholds
-from vision.vocab import Label, LabelVocabulary
+from vision.labels.vocab import Label, LabelVocabulary
 
 HEADER4 = "category_index\tcategory_id\tindex_of_parent_category\tcategory name"
 
@@ -391,7 +392,7 @@ def test_model_spec_takes_hierarchy_and_thresholds():
 
 
 def card(name: str, task: str, tagger: Tagger | None) -> ModelCard:
-    return ModelCard(name, "1", "arch", task, ("a",), get_preset("torchvision"), "torch", Signature(1, 8), tagger=tagger)
+    return ModelCard(name, "1", "arch", task, ("a",), get_preset("torchvision"), "torch", Signature(1, 8), artifacts={"tagging": tagger})
 
 
 def test_repository_finds_models_by_task_and_explains_a_model_that_cannot_tag(ml_tagger, sum_tagger):
@@ -432,8 +433,8 @@ def test_multilabel_resnext_is_registered_with_its_head(tmp_path):
 
 
 def test_multilabel_resnext_without_labels_fails_at_load():
-    from vision.loading import load_model
-    from vision.settings import ServeSettings
+    from vision.serving.loading import load_model
+    from vision.config.settings import ServeSettings
 
     config = ModelConfig(arch="resnext50_32x4d_multilabel")
     with pytest.raises(ConfigurationError, match="no labels: this architecture has no default label set"):

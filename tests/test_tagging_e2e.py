@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import ML_IMAGES_TREE, ServerProcess, metric_value, scrape
 from vision.models import get_architecture
-from vision.models.labels import imagenet_wordnet
+from vision.labels.names import imagenet_wordnet
 from vision.v1 import classification_pb2, classification_pb2_grpc, common_pb2, tagging_pb2, tagging_pb2_grpc
 
 

@@ -30,7 +30,7 @@ def test_peer_model_answers_what_the_service_answers(peer, photos, classifier):
     assert (peer.arch, peer.num_classes, peer.preset) == ("efficientnet_lite0", 1000, "torchvision")
     assert peer.weights.startswith("bundled")
     model = PeerModel(peer.arch, peer.num_classes, peer.state_dict, threads=2, preset=peer.preset)
-    from vision.imaging import get_preset, load_image
+    from vision.media.imaging import get_preset, load_image
 
     batch = model.preprocess([photos["coffee.jpg"], photos["chelsea.jpg"]])
     expected = np.stack([load_image(photos[name], get_preset("torchvision")) for name in ("coffee.jpg", "chelsea.jpg")])

@@ -120,7 +120,7 @@ def _history(job: jobs_pb2.Job) -> list[dict]:
 
 
 def _micro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
-    from vision.tasks.tagging_metrics import evaluate
+    from vision.evaluation.tagging import evaluate
 
     return evaluate(truth, y_pred=predicted).OF1
 

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import ServerProcess, classify_request, photo
-from vision.imaging import PRESETS, preprocess
+from vision.media.imaging import PRESETS, preprocess
 from vision.v1 import classification_pb2_grpc, common_pb2
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tritonserver binary is Linux-only")
@@ -80,7 +80,7 @@ def test_classification_through_triton(triton_stack, photos):
 @pytest.mark.parametrize("recipe", ["center", "ten_crop", "gem", "rmac"])
 def test_features_through_triton_equal_the_embedded_engine(triton_stack, features_stub, photos, recipe):
     """The same Extract request through Triton and through the session's ONNX Runtime server."""
-    from vision.servicers.features import decode_descriptor
+    from vision.api.codec import decode_descriptor
     from vision.v1 import features_pb2, features_pb2_grpc
 
     request = features_pb2.ExtractRequest(

@@ -33,7 +33,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 from vision.backends.triton_backend import TritonBackend
-from vision.errors import ConfigurationError, FailedPrecondition, ResourceExhausted, Unavailable, VisionError
+from vision.core.errors import ConfigurationError, FailedPrecondition, ResourceExhausted, Unavailable, VisionError
 from vision.models.signature import FeatureLayer, InputGeometry, Signature
 from vision.triton.admin import TritonAdmin
 from vision.triton.errors import TritonAdminError, TritonModelLoadError, TritonStartError
@@ -103,7 +103,7 @@ def export_tiny(path: Path, seed: int = 0, num_classes: int = 5) -> Path:
 
     torch.manual_seed(seed)
     with warnings.catch_warnings():
-        # The TorchScript exporter's deprecation notice; see vision/export.py for why it is used.
+        # The TorchScript exporter's deprecation notice; see vision/models/export.py for why it is used.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             Tiny().eval(),
@@ -655,7 +655,7 @@ async def test_onnxruntime_torch_and_triton_agree_on_every_output(effnet: dict[s
 
     from vision.backends.onnx_backend import OnnxRuntimeBackend
     from vision.backends.torch_backend import TorchBackend, run_on_torch_thread
-    from vision.imaging import PRESETS, preprocess
+    from vision.media.imaging import PRESETS, preprocess
     from vision.models import create_model, with_outputs
 
     signature = effnet["signature"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import vision
-from vision.vocab import (
+from vision.labels.vocab import (
     HierarchyTag,
     Label,
     LabelVocabulary,
@@ -320,7 +320,7 @@ def test_propagate_sum_on_a_hand_made_tree(tree: LabelVocabulary) -> None:
 # The committed ImageNet WordNet hierarchy
 # ---------------------------------------------------------------------------------------
 
-WORDNET_FILE = Path(vision.__file__).parent / "models" / "data" / "imagenet_wordnet_hierarchy.tsv"
+WORDNET_FILE = Path(vision.__file__).parent / "labels" / "data" / "imagenet_wordnet_hierarchy.tsv"
 
 
 @pytest.fixture(scope="module")

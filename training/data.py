@@ -5,10 +5,10 @@ Layouts (`load_data` picks by what the path is):
   names relative to the folder; a label counts when its confidence is at least 0.5 (a bare `idx` is 1);
   label names from `--labels FILE` (`index<TAB>name`), else the folder's `labels.txt`, else `label<i>`;
 - **a folder per class**, ROOT/<class>/<image>: one class per image (classification, retrieval); for
-  tagging an image's labels are the folders holding identical copies of it (vision.tag_eval);
+  tagging an image's labels are the folders holding identical copies of it (vision.labels.datasets);
 - **a NUS-WIDE-style JSON** `{"labels": [...], "samples": [{"image": PATH, "labels": [...]}]}`.
 
-Images are decoded exactly as the services decode them (vision.imaging: EXIF, any mode to RGB), resized
+Images are decoded exactly as the services decode them (vision.media.imaging: EXIF, any mode to RGB), resized
 and centre-cropped by the model's preset, then augmented: flip, colour jitter without hue (a colour can
 be a label) and a small affine; the light variant only flips.
 """
@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from vision.imaging import IMAGE_SUFFIXES
 from vision.jobs.runtime import JobFailed
+from vision.media.imaging import IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class LabelledSet:
 
 
 def _label_names(labels_file: Path | None, folder: Path, n: int) -> tuple[str, ...]:
-    from vision.vocab import VocabularyError, load_vocabulary
+    from vision.labels.vocab import VocabularyError, load_vocabulary
 
     for candidate in (labels_file, folder / "labels.txt"):
         if candidate is not None and candidate.is_file():
@@ -97,7 +96,7 @@ def _class_folders(root: Path) -> LabelledSet:
 
 
 def load_data(path: Path, *, task: str, labels_file: Path | None = None) -> LabelledSet:
-    from vision.tag_eval import DatasetError, load_tag_dataset
+    from vision.labels.datasets import DatasetError, load_tag_dataset
 
     if not path.exists():
         raise JobFailed(f"training data {path} does not exist")
@@ -173,8 +172,7 @@ class ImageDataset:
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         import torch
-
-        from vision.imaging import decode_image, resize_center_crop
+        from vision.media.imaging import decode_image, resize_center_crop
 
         path, labels = self.items[index]
         img = resize_center_crop(

@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from PIL import Image
-
 from vision.models import create_model, get_architecture
 from vision.models.delf import (
     Delf,
@@ -97,7 +96,7 @@ class FolderDataset:
 def load_image(path: Path, size: int, rng: random.Random | None = None) -> np.ndarray:
     """An image as the model's input: RGB, resized to size × size (with a random crop of 80-100 % of each
     side first when `rng` is given), normalised with the architecture's preset ((x − 128) / 128)."""
-    from vision.imaging import get_preset
+    from vision.media.imaging import get_preset
 
     with Image.open(path) as img:
         img = img.convert("RGB")
@@ -260,7 +259,7 @@ def train(
         result.history.append(entry)
         log.info("stage %d epoch %d: loss %.4f, train accuracy %.3f", stage, epoch, loss, accuracy)
         if checkpoint is not None:
-            from training.finetune import atomic_save
+            from training.common import atomic_save
 
             atomic_save({"model": model.state_dict(), "head": head.state_dict(), "opt1": opt1.state_dict(),
                          "opt2": opt2.state_dict(), "history": result.history, "rng": rng.getstate(),
@@ -330,8 +329,12 @@ def run_job(run: "JobRun") -> dict[str, Any]:
 
     Options: `epochs` (both stages, default 4), `head_epochs` (stage 1's share, default half), `lr` (stage 1,
     Adam, default 1e-4; stage 2 gets STAGE2_LR_FACTOR times it), `batch_size` (16), `seed`."""
-    from training.data import load_data
-    from training.finetune import (
+    from vision.core import metrics as prom
+    from vision.core.cpus import available_cpus
+    from vision.jobs.runtime import JobFailed
+    from vision.jobs.settings import check_path
+
+    from training.common import (
         log_metrics,
         pick_device,
         register_version,
@@ -339,10 +342,7 @@ def run_job(run: "JobRun") -> dict[str, Any]:
         resolve_base,
         start_mlflow_run,
     )
-    from vision import metrics as prom
-    from vision.cpus import available_cpus
-    from vision.jobs.runtime import JobFailed
-    from vision.jobs.worker import check_path
+    from training.data import load_data
 
     params, settings = run.params, run.settings
     given = params.get("options") or {}

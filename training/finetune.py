@@ -1,6 +1,6 @@
 """The one trainer of fine-tune jobs: tagging, classification and retrieval on the shared builder registry.
 
-    run_finetune_job(run)   the Celery task's body (vision.jobs.tasks): options from the job, progress and
+    run_finetune_job(run)   the Celery task's body (vision.runners.job_tasks): options from the job, progress and
                             cancel through `run`, the result registered in the model registry
 
 Common to every task:
@@ -25,7 +25,7 @@ Common to every task:
 Per task:
 - **tagging**: multi-label head, sigmoid + BCEWithLogitsLoss (optionally positive-weighted per label, as
   Tencent ML-Images trains sparse labels), Adam (lr 1e-4 by default), flip / colour jitter / affine. Every
-  epoch: the multi-label metrics of vision.tasks.tagging_metrics at 0.5 and at per-label thresholds
+  epoch: the multi-label metrics of vision.evaluation.tagging at 0.5 and at per-label thresholds
   calibrated on the validation split (best_f1_thresholds); the best checkpoint by macro-F1 (calibrated).
   The version is registered with those thresholds.
 - **classification**: staged as the dog-breed recipe: (1) backbone frozen, new head, Adam; (2) the last
@@ -34,7 +34,7 @@ Per task:
   by the current model above a confidence, then more epochs on the union). Top-1 / top-5 every epoch;
   best by top-1.
 - **retrieval**: a classifier over instance classes trains the backbone; the model is scored every epoch by
-  the Features evaluator (vision.tasks.retrieval_metrics: Oxford AP of the L2-normalised `embedding`, the
+  the Features evaluator (vision.evaluation.retrieval: Oxford AP of the L2-normalised `embedding`, the
   Features service's `center` recipe) on a held-out retrieval set: `--eval-data` (Oxford format), else a
   fifth of the classes never trained on (one query per class against the rest). mAP before (the base)
   and after are reported; the best epoch by mAP is registered as a feature extractor (labels=none).
@@ -47,26 +47,34 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from vision.core import metrics as prom
+from vision.jobs.runtime import JobFailed
 
-from vision import metrics as prom
-from vision.jobs.runtime import JobFailed, TransientError
+from training.common import (
+    Base,
+    atomic_save,
+    family,
+    log_metrics,
+    pick_device,
+    register_version,
+    registry_store,
+    resolve_base,
+    start_mlflow_run,
+)
 from training.data import ImageDataset, LabelledSet, load_data, split, unlabeled_images
 
 if TYPE_CHECKING:
     import torch
-
     from vision.jobs.runtime import JobRun
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT = "vision-finetune"
 HEADS = {"efficientnet": ("classifier.",), "resnet": ("fc.",)}
 LAST_BLOCKS = {"efficientnet": ("blocks.5.", "blocks.6.", "conv_head.", "bn2."), "resnet": ("layer4.",)}
 
@@ -108,90 +116,17 @@ class Options:
         return options
 
 
-@dataclass
-class Base:
-    """What a fine-tune starts from."""
-
-    arch: str
-    weights: Path | None  # None: seeded random initialisation
-    num_classes: int  # head width of those weights
-    preset: str
-    description: str  # lineage: the URI or spec
 
 
-def family(arch: str) -> str:
-    if arch.startswith("efficientnet"):
-        return "efficientnet"
-    if arch.startswith(("resnet", "resnext")):
-        return "resnet"
-    raise JobFailed(
-        f"architecture {arch!r} has no fine-tune recipe (head and last blocks); use an EfficientNet or ResNet"
-    )
 
 
-def registry_store(settings: Any) -> Any:
-    from vision.registry.store import RegistryStore
-
-    try:
-        return RegistryStore(settings.registry_uri, settings.registry_artifact_root)
-    except Exception as exc:  # the store (PostgreSQL, a share) may be back in a moment
-        raise TransientError(f"cannot open the model registry: {exc}") from None
 
 
-def resolve_base(spec: str, store: Any, work: Path) -> Base:
-    from pydantic import ValidationError
-
-    from vision.errors import ConfigurationError, NotFound
-    from vision.loading import head_width
-    from vision.models import get_architecture
-    from vision.registry.package import WEIGHTS
-    from vision.registry.uri import parse_model_uri
-    from vision.settings import RANDOM_WEIGHTS, ModelConfig
-
-    try:
-        config = ModelConfig.parse_spec(spec)
-    except (ValidationError, ConfigurationError) as exc:
-        raise JobFailed(f"base {spec!r}: {exc}") from None
-    if config.registry:
-        uri = parse_model_uri(config.registry)
-        try:
-            version = store.resolve(uri)
-            package = store.download(uri.name, version, work / "base" / f"{uri.name}-{version}")
-        except NotFound as exc:
-            raise JobFailed(f"base {spec}: {exc}") from None
-        except ConfigurationError as exc:
-            raise JobFailed(f"base {spec}: {exc}") from None
-        arch = str(package.spec["arch"])
-        return Base(
-            arch,
-            package.root / WEIGHTS,
-            int(package.card["num_classes"]),
-            str(package.spec.get("preset") or get_architecture(arch).defaults.preset),
-            f"models:/{uri.name}/{version}",
-        )
-    try:
-        entry = get_architecture(config.arch)
-        width = head_width(config)
-    except ConfigurationError as exc:
-        raise JobFailed(f"base {spec!r}: {exc}") from None
-    if config.weights == RANDOM_WEIGHTS:
-        weights = None
-    elif config.weights is not None:
-        weights = Path(config.weights)
-        if not weights.is_file():
-            raise JobFailed(f"base {spec!r}: weights file {weights} does not exist")
-    elif entry.defaults.bundled_weights is not None:
-        weights = entry.defaults.bundled_weights()
-    else:
-        raise JobFailed(
-            f"base {spec!r}: architecture {config.arch} has no bundled weights; give weights=FILE or weights=random"
-        )
-    return Base(config.arch, weights, width, config.preset or entry.defaults.preset, spec)
 
 
 def build_model(base: Base, num_classes: int) -> "torch.nn.Module":
     """The base's weights under a head of `num_classes` (0: no head); a new head starts seeded-random."""
-    from vision.errors import ConfigurationError
+    from vision.core.errors import ConfigurationError
     from vision.models import create_model
 
     try:
@@ -224,25 +159,8 @@ def set_trainable(model: "torch.nn.Module", arch: str, which: str) -> int:
     return count
 
 
-def pick_device(wanted: str) -> "torch.device":
-    import torch
-
-    if wanted:
-        if wanted.startswith("cuda") and not torch.cuda.is_available():
-            raise JobFailed(f"device {wanted!r} asked for, but this worker has no CUDA device")
-        return torch.device(wanted)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -257,17 +175,22 @@ class Checkpoint:
 
 
 def run_finetune_job(run: "JobRun") -> dict[str, Any]:
-    import torch
+    """The Celery task's body: DELF's two stages go to training.delf (they fit no single-model Trainer),
+    every other task to this module's Trainer."""
+    if run.params["task"] == "delf":
+        from training import delf
 
-    from vision.cpus import available_cpus
-    from vision.jobs.worker import check_path
+        return delf.run_job(run)
+    return run_trainer_job(run)
+
+
+def run_trainer_job(run: "JobRun") -> dict[str, Any]:
+    import torch
+    from vision.core.cpus import available_cpus
+    from vision.jobs.settings import check_path
 
     params, settings = run.params, run.settings
     task = params["task"]
-    if task == "delf":  # two stages on their own step functions (vision.models.delf), same job plumbing
-        from training.delf import run_job
-
-        return run_job(run)
     options = Options.for_task(task, params.get("options") or {})
     torch.set_num_threads(settings.threads or available_cpus())
     data_path = check_path(settings, params["data"], "data")
@@ -294,7 +217,7 @@ class Trainer:
         work: Path,
         device: "torch.device",
     ) -> None:
-        from vision.imaging import get_preset
+        from vision.media.imaging import get_preset
 
         self.run, self.task, self.options, self.base, self.data, self.store = (
             run,
@@ -330,7 +253,7 @@ class Trainer:
     def _hold_out_classes(self, items: list[tuple[Path, tuple[int, ...]]]) -> tuple[list[Any], Any]:
         """Retrieval: train on most classes; a fifth (at least two) of those with 2+ images are the retrieval
         set, never trained on (or --eval-data, an Oxford-format set)."""
-        from vision.tasks.retrieval_metrics import GroundTruth, Query, load_ground_truth
+        from vision.evaluation.retrieval import GroundTruth, Query, load_ground_truth
 
         if self.options.eval_data:
             root = Path(self.options.eval_data)
@@ -414,7 +337,6 @@ class Trainer:
     # -- the run
     def fit(self) -> dict[str, Any]:
         import torch
-
         from vision.models import EMBEDDING, get_architecture, with_outputs
 
         o, run = self.options, self.run
@@ -613,7 +535,7 @@ class Trainer:
             loss_fn(torch.from_numpy(logits).to(self.device), torch.from_numpy(y).to(self.device))
         )
         if self.multilabel:
-            from vision.tasks.tagging_metrics import best_f1_thresholds, evaluate
+            from vision.evaluation.tagging import best_f1_thresholds, evaluate
 
             scores = 1 / (1 + np.exp(-logits))
             at_half = evaluate(y, scores)
@@ -648,8 +570,8 @@ class Trainer:
         return result
 
     def _retrieval_map(self, tapped: Any, emb_index: int) -> float:
+        from vision.evaluation.retrieval import evaluate
         from vision.tasks.features import l2_normalize
-        from vision.tasks.retrieval_metrics import evaluate
 
         gt, images = self.retrieval_set
         names = list(gt.database) or sorted(images)
@@ -807,66 +729,10 @@ class Trainer:
         return result
 
 
-def start_mlflow_run(store: Any, run: "JobRun", task: str, params: dict[str, Any]) -> str:
-    """The job's MLflow run in the experiment `vision-finetune` (created on first use), with `params`."""
-    from mlflow.entities import Param
-
-    client = store.client
-    experiment_id = store.experiment(EXPERIMENT, store.artifact_root.rstrip("/") + "/finetune")
-    created = client.create_run(
-        experiment_id,
-        run_name=f"{task}-{run.params['name']}-{run.job_id[:8]}",
-        tags={"vision.job_id": run.job_id, "vision.task": task},
-    )
-    client.log_batch(created.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-    return created.info.run_id
 
 
-def log_metrics(client: Any, run_id: str, scores: dict[str, Any], epoch: int) -> None:
-    """One epoch's numeric scores as MLflow metrics (step = epoch)."""
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    batch = [
-        Metric(k, float(v), now, epoch)
-        for k, v in scores.items()
-        if isinstance(v, (int, float)) and math.isfinite(v)
-    ]
-    try:
-        client.log_batch(run_id, metrics=batch)
-    except Exception as exc:  # the run's metrics are a record, not the training: never fail a job on them
-        log.warning("MLflow: could not log epoch %d: %s", epoch, exc)
 
 
-def register_version(
-    store: Any,
-    name: str,
-    spec: dict[str, Any],
-    *,
-    run_id: str,
-    golden: list[tuple[str, bytes]],
-    lineage: dict[str, str],
-    description: str,
-    promote_to: str = "",
-) -> str:
-    """The seam to the model registry (vision.registry): one version of `name` from `spec` (a model spec's
-    fields), its golden outputs recorded on `golden`, attached to the training run; then `promote_to`."""
-    from vision.errors import ConfigurationError
-    from vision.settings import ModelConfig
-
-    config = ModelConfig(**spec)
-    try:
-        info = store.register(
-            name, config, golden_images=golden, run_id=run_id, lineage=lineage, description=description
-        )
-        if promote_to:
-            store.promote(name, info.version, promote_to)
-    except ConfigurationError as exc:
-        message = str(exc)
-        if "locked" in message or "unreachable" in message or "connect" in message:
-            raise TransientError(f"registering {name}: {message}") from None
-        raise JobFailed(f"registering {name}: {message}") from None
-    return info.version
 
 
 def _cpu_state(model: Any) -> dict[str, Any]:

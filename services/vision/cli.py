@@ -39,7 +39,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per ServeSettings field, so flags, env vars and validation share one definition."""
-    from vision.settings import ModelConfig, ServeSettings
+    from vision.config.settings import ModelConfig, ServeSettings
 
     for name, field in ServeSettings.model_fields.items():
         if name == "models":
@@ -71,8 +71,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from vision.errors import ConfigurationError
-    from vision.settings import ModelConfig, ServeSettings
+    from vision.config.settings import ModelConfig, ServeSettings
+    from vision.core.errors import ConfigurationError
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func", "models") and v is not None}
     try:
@@ -83,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"vision serve: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from vision.server import Endpoints, serve
+    from vision.runners.server import Endpoints, serve
 
     def announce(endpoints: Endpoints) -> None:
         names = ", ".join(m.registry or f"{m.served_name}:{m.version}" for m in settings.models)
@@ -94,7 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         if settings.runner == "ray":
-            from vision.ray.runner import run as run_on_ray
+            from vision.runners.ray.runner import run as run_on_ray
 
             run_on_ray(settings, on_ready=announce)
         else:
@@ -216,7 +216,7 @@ DATASET is either
 Labels match tags by WordNet id (n02121808) or name (case-insensitive); tags outside the dataset's labels
 are ignored. Each batch is sent twice: once as given (--threshold/--min-score/--max-tags; unset = the
 model's own thresholds) for the predicted tags, once with threshold 0 for every label's score (AP/mAP).
-Metrics (vision.tasks.tagging_metrics): per-label P/R/F1, CP/CR/CF1 over labels with positives, OP/OR/OF1, samples-F1, mAP.
+Metrics (vision.evaluation.tagging): per-label P/R/F1, CP/CR/CF1 over labels with positives, OP/OR/OF1, samples-F1, mAP.
 """
 
 
@@ -224,8 +224,8 @@ def _eval_tags(args: argparse.Namespace) -> int:
     import grpc
     import numpy as np
 
-    from vision.tasks.tagging_metrics import evaluate
-    from vision.tag_eval import DatasetError, LabelMatcher, load_tag_dataset
+    from vision.evaluation.tagging import evaluate
+    from vision.labels.datasets import DatasetError, LabelMatcher, load_tag_dataset
     from vision.v1 import tagging_pb2_grpc
 
     try:
@@ -333,8 +333,8 @@ def _models(args: argparse.Namespace) -> int:
 def _export_triton(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from vision.errors import ConfigurationError
-    from vision.settings import ModelConfig
+    from vision.config.settings import ModelConfig
+    from vision.core.errors import ConfigurationError
     from vision.triton.export import export_to_triton
 
     try:
@@ -361,7 +361,7 @@ def _export_triton(args: argparse.Namespace) -> int:
 
 
 def _sample_photos(args: argparse.Namespace) -> int:
-    from vision.photos import write_set
+    from vision.media.photos import write_set
 
     try:
         written = write_set(args.split, args.count, args.out, seed=args.seed)
@@ -373,9 +373,9 @@ def _sample_photos(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from vision.errors import ConfigurationError
-    from vision.quantize import QuantizeOptions, format_report, quantize_model
-    from vision.settings import ModelConfig
+    from vision.config.settings import ModelConfig
+    from vision.core.errors import ConfigurationError
+    from vision.tools.quantize import QuantizeOptions, format_report, quantize_model
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -429,7 +429,7 @@ def _recipe_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace):  # noqa: ANN202 - features_client.RecipeOptions
-    from vision.features_client import RecipeOptions
+    from vision.client.features import RecipeOptions
 
     scales = tuple(float(s) for s in args.scales.split(",") if s.strip())
     return RecipeOptions(args.recipe, args.layer, args.gem_p, scales, args.whitening, args.dim, args.model, args.version)
@@ -439,8 +439,8 @@ def _features_command(args: argparse.Namespace) -> int:
     """features / eval-retrieval / fit-whitening: errors from the server or the files end the command cleanly."""
     import grpc
 
-    from vision import features_client as fc
-    from vision.errors import ConfigurationError
+    from vision.client import features as fc
+    from vision.core.errors import ConfigurationError
 
     try:
         if args.command == "features":
@@ -452,7 +452,7 @@ def _features_command(args: argparse.Namespace) -> int:
                 head = " ".join(f"{v:+.4f}" for v in vector[:6])
                 print(f"{path}: {head} ...")
         elif args.command == "eval-retrieval":
-            from vision.delf_client import Options as DelfOptions
+            from vision.client.delf import Options as DelfOptions
 
             result = fc.eval_retrieval(
                 args.target, args.images, args.gt, _options(args), queries=args.queries,
@@ -481,8 +481,8 @@ def np_save(path: Path, vectors: object) -> None:
 
 
 def _add_delf_commands(client) -> None:  # noqa: ANN001 - build_parser's `client` factory
-    """delf-extract, delf-match (alias match), fit-delf-pca: clients of the Delf service (vision.delf_client)."""
-    from vision.delf_client import EXTRACT_HELP, FIT_PCA_HELP, MATCH_HELP, add_extract_options, run
+    """delf-extract, delf-match (alias match), fit-delf-pca: clients of the Delf service (vision.client.delf)."""
+    from vision.client.delf import EXTRACT_HELP, FIT_PCA_HELP, MATCH_HELP, add_extract_options, run
 
     extract = client("delf-extract", "DELF keypoints and descriptors of images through a running server")
     extract.description = EXTRACT_HELP
@@ -681,11 +681,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return registry_main(argv[1:])
     if argv[:1] == ["jobs"]:
-        from vision.jobs.cli import main as jobs_main
+        from vision.client.jobs import main as jobs_main
 
         return jobs_main(argv[1:])
     if argv[:1] == ["worker"]:
-        from vision.jobs.worker import main as worker_main
+        from vision.runners.worker import main as worker_main
 
         return worker_main(argv[1:])
     if argv[:1] == ["triton"]:

@@ -100,7 +100,7 @@ could not override a default `true`. Call with (dict "base" $defaults "over" $va
 
 {{/*
 Threads `vision serve` will run in a container with these resources: ceil(limits.cpu), as
-services/vision/cpus.py reads it from the cgroup quota; "node" when there is no CPU limit (then the node's
+services/vision/core/cpus.py reads it from the cgroup quota; "node" when there is no CPU limit (then the node's
 CPUs, unless settings.threads is set). Call with the resources map.
 */}}
 {{- define "vision-platform.threadsForResources" -}}

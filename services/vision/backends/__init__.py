@@ -1,4 +1,4 @@
-"""Inference engines behind one interface; chosen by configuration, never by a service."""
+"""Inference engines behind one interface and the one batch plan they share; chosen by configuration, never by a service."""
 
 from vision.backends.base import LOGITS, BatchingConfig, InferenceBackend, Outputs
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import concurrent.futures
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vision.backends.base import LOGITS, BatchingConfig, Outputs
-from vision.errors import ResourceExhausted, Unavailable
+from vision.core.errors import ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 

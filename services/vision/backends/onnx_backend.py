@@ -9,7 +9,7 @@ import numpy as np
 
 from vision.backends.base import LOGITS, BatchingConfig, InferenceBackend, Outputs
 from vision.backends.batching import BatchStats, LocalBatchedBackend
-from vision.errors import ConfigurationError
+from vision.core.errors import ConfigurationError
 
 
 def _providers(device: str) -> list[str]:

@@ -31,7 +31,7 @@ import numpy as np
 
 from vision.backends.base import InferenceBackend, Outputs, request_deadline
 from vision.backends.batching import BatchStats
-from vision.errors import (
+from vision.core.errors import (
     ConfigurationError,
     DeadlineExceeded,
     FailedPrecondition,

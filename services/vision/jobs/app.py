@@ -1,6 +1,6 @@
 """The Celery app of the jobs, built from a JobsConfig.
 
-Delivery is at-least-once and every task is idempotent, keyed by its job id (vision.jobs.tasks):
+Delivery is at-least-once and every task is idempotent, keyed by its job id (vision.runners.job_tasks):
 - `task_acks_late`: a job's message is acknowledged only when the job has ended, so a job whose worker dies
   is delivered again;
 - `task_reject_on_worker_lost`: when the pool process running a job dies (SIGKILL, the OOM killer) the
@@ -21,14 +21,10 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from vision.jobs.config import DOWNLOAD, TRAIN, JobsConfig
+from vision.config.jobs import DOWNLOAD, DOWNLOAD_TASK, FINETUNE_TASK, TRAIN, JobsConfig
 
 if TYPE_CHECKING:
     from celery import Celery
-
-DOWNLOAD_TASK = "vision.jobs.download"
-FINETUNE_TASK = "vision.jobs.finetune"
-
 
 def make_app(config: JobsConfig) -> "Celery":
     from celery import Celery
@@ -84,10 +80,9 @@ def make_app(config: JobsConfig) -> "Celery":
         # A job that died mid-run must not be marked done: keep the message until it ends (see above).
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
-    app.conf.vision_jobs = config  # the config the tasks read (vision.jobs.tasks)
-    from vision.jobs.tasks import register
-
-    register(app)
+    # The config the tasks read. The tasks themselves are registered by the worker (vision.runners.job_tasks):
+    # submitting, inspecting and cancelling go by task name and need none of the code a job runs.
+    app.conf.vision_jobs = config
     return app
 
 
@@ -111,4 +106,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-__all__ = ["DOWNLOAD_TASK", "FINETUNE_TASK", "TRAIN", "make_app", "config_from_env"]
+__all__ = ["make_app", "config_from_env"]

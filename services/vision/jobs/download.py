@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vision import metrics
+from vision.core import metrics
 from vision.jobs.fetch import FetchError, FetchPolicy, fetch, networks_text, sniff
 
 if TYPE_CHECKING:
@@ -89,8 +89,8 @@ def validate(data: bytes, max_bytes: int, max_pixels: int) -> tuple[bytes, str, 
     """(bytes to store, extension, width, height) of a fully decoded image; FetchError with the reason."""
     from PIL import Image
 
-    from vision.errors import InvalidImage
-    from vision.imaging import DecodeLimits, decode_image
+    from vision.core.errors import InvalidImage
+    from vision.media.imaging import DecodeLimits, decode_image
 
     kind = sniff(data)
     if kind is None:
@@ -394,7 +394,7 @@ def options_from_params(params: dict[str, Any], allow_private: Any) -> DownloadO
 
 def run_download_job(run: "JobRun") -> dict[str, Any]:
     from vision.jobs.runtime import JobFailed
-    from vision.jobs.worker import check_path
+    from vision.jobs.settings import check_path
 
     params = run.params
     out = check_path(run.settings, params["out_dir"], "out_dir")

@@ -33,7 +33,7 @@ ALL = "all"
 REDIRECTS = (301, 302, 303, 307, 308)
 USER_AGENT = "vision-serving-download/1"
 CHUNK = 64 * 1024
-# Magic numbers of the formats the platform decodes (vision.imaging.SUPPORTED_FORMATS).
+# Magic numbers of the formats the platform decodes (vision.media.imaging.SUPPORTED_FORMATS).
 SIGNATURES = (
     (b"\xff\xd8\xff", "JPEG"),
     (b"\x89PNG\r\n\x1a\n", "PNG"),

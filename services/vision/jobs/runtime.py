@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from vision import metrics
+from vision.core import metrics
 
 if TYPE_CHECKING:
     import redis

@@ -23,8 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vision.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from vision.jobs.config import JobsConfig
+from vision.config.jobs import JobsConfig
+from vision.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 if TYPE_CHECKING:
     import redis
@@ -126,7 +126,7 @@ class JobStore:
     def submit(self, kind: str, params: Mapping[str, Any], *, urls: bytes | None = None) -> JobView:
         import redis
 
-        from vision.jobs.app import DOWNLOAD_TASK, FINETUNE_TASK
+        from vision.config.jobs import DOWNLOAD_TASK, FINETUNE_TASK
 
         if kind not in KINDS:
             raise InvalidArgument(f"unknown job kind {kind!r}")

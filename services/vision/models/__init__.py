@@ -1,4 +1,4 @@
-"""Model architectures, weights loading, signatures and label sets: one registry used by serving and training."""
+"""Model architectures (builder registry, zoo), signatures, taps, weights, receptive fields, the DELF head, the model card, ONNX export and precision."""
 
 from vision.models.registry import (
     ArchitectureDefaults,
@@ -9,6 +9,11 @@ from vision.models.registry import (
     with_outputs,
 )
 from vision.models.signature import EMBEDDING, LOGITS, FeatureLayer, InputGeometry, Signature
+
+# The builders of the platform's architectures register themselves on import (timm's way): importing the
+# package is what fills the registry, and the registry itself imports none of its plug-ins. Cheap: the zoo
+# imports torch only inside the builders.
+from vision.models import zoo  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "EMBEDDING",

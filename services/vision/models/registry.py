@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vision.errors import ConfigurationError
+from vision.core.errors import ConfigurationError
 from vision.models.signature import FeatureLayer, InputGeometry, Signature
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ class ArchitectureDefaults:
 
     # Output width of the head for the reference weights.
     num_classes: int = 1000
-    # Name of the preprocessing preset (vision.imaging.PRESETS) the reference weights were trained with.
+    # Name of the preprocessing preset (vision.media.imaging.PRESETS) the reference weights were trained with.
     preset: str = "torchvision"
     # Label source: "imagenet" (torchvision's ImageNet-1k names), a path to a label file, or None when the
     # head has no default vocabulary (a served model must then give labels=FILE).
@@ -84,18 +84,11 @@ def register_model(
     return decorate
 
 
-def _ensure_zoo_loaded() -> None:
-    # Importing the zoo registers its builders; done lazily so that importing the registry stays cheap.
-    import vision.models.zoo  # noqa: F401
-
-
 def list_architectures() -> list[str]:
-    _ensure_zoo_loaded()
     return sorted(_REGISTRY)
 
 
 def get_architecture(name: str) -> RegisteredModel:
-    _ensure_zoo_loaded()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -109,9 +102,9 @@ def create_model(
 ) -> "nn.Module":
     """Build `name` in eval mode. `weights`: a state dict or registry checkpoint; None means the bundled
     weights when the architecture has some and `pretrained` is set, otherwise random initialisation."""
-    from vision.models.weights import load_weights
-
     import torch
+
+    from vision.models.weights import load_weights
 
     entry = get_architecture(name)
     if weights is None and pretrained and entry.defaults.bundled_weights is not None:

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vision.errors import ConfigurationError
-from vision.files import sha256_file
+from vision.core.errors import ConfigurationError
+from vision.core.files import sha256_file
 
 __all__ = ["load_weights", "read_state_dict", "sha256_file"]
 

@@ -108,7 +108,7 @@ def _store(args: argparse.Namespace):  # noqa: ANN202 - RegistryStore
 
 
 def _register(args: argparse.Namespace) -> int:
-    from vision.settings import ModelConfig
+    from vision.config.settings import ModelConfig
 
     config = ModelConfig.parse_spec(args.model)
     if config.registry:
@@ -243,10 +243,10 @@ def _show(args: argparse.Namespace) -> int:
 
 def verify_version(store, name: str, version: str) -> list[str]:  # noqa: ANN001
     """Download, sha256, and the golden gate on the version's ONNX export: problems (empty = passes)."""
-    from vision.loading import model_card
+    from vision.config.settings import ModelConfig, ServeSettings
     from vision.registry.golden import Golden, check_with_onnx
     from vision.registry.package import ONNX, ArtifactCorrupted, serving_config
-    from vision.settings import ModelConfig, ServeSettings
+    from vision.serving.loading import model_card
 
     with tempfile.TemporaryDirectory(prefix="vision-verify-") as tmp:
         try:
@@ -303,7 +303,7 @@ def _delete(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from pydantic import ValidationError
 
-    from vision.errors import ConfigurationError, NotFound
+    from vision.core.errors import ConfigurationError, NotFound
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -32,12 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vision.errors import ConfigurationError
+from vision.core.errors import ConfigurationError
 from vision.models.signature import EMBEDDING, LOGITS
+from vision.tasks.tagging import tagger_of
 
 if TYPE_CHECKING:
-    from vision.imaging import Preset
-    from vision.repository import ModelCard, ServedModel
+    from vision.media.imaging import Preset
+    from vision.models.card import ModelCard
+    from vision.serving.repository import ServedModel
     from vision.tasks.tagging import Tagger
 
 GOLDEN_DIR = "golden"
@@ -153,7 +155,7 @@ def prepare_images(images: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes
     """Decode each image (EXIF applied, RGB), cap its shorter side, store as PNG. Refuses unreadable files."""
     from PIL import Image
 
-    from vision.imaging import decode_image
+    from vision.media.imaging import decode_image
 
     if not images:
         raise ConfigurationError("a golden set needs at least one image")
@@ -175,7 +177,7 @@ def prepare_images(images: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes
 
 def batch(images: Sequence[tuple[str, bytes]], preset: "Preset") -> np.ndarray:
     """The golden images as the services feed them: decoded, resized, centre-cropped, normalised."""
-    from vision.imaging import load_image
+    from vision.media.imaging import load_image
 
     return np.stack([load_image(data, preset) for _, data in images]).astype(np.float32)
 
@@ -191,7 +193,7 @@ def record(
     """The golden set of `card` from the outputs its export gave on `images` (already prepared)."""
     logits = outputs.get(LOGITS)
     top1 = [int(i) for i in np.argmax(logits, axis=1)] if logits is not None else None
-    tags = _tags(card.tagger, logits) if logits is not None and card.tagger is not None else None
+    tags = _tags(tagger, logits) if logits is not None and (tagger := tagger_of(card)) is not None else None
     return Golden(images=list(images), outputs={k: np.asarray(v, np.float32) for k, v in outputs.items()}, top1=top1,
                   tags=tags, tolerance=tolerance)
 
@@ -245,7 +247,7 @@ def compare(golden: Golden, outputs: dict[str, np.ndarray], tagger: "Tagger | No
 
 
 def _compare_agreement(golden: Golden, outputs: dict[str, np.ndarray]) -> list[str]:
-    from vision.quantize import agreement
+    from vision.evaluation.agreement import agreement
 
     want, got = golden.outputs.get(LOGITS), outputs.get(LOGITS)
     if want is None:
@@ -275,7 +277,7 @@ async def gate(model: "ServedModel", golden: Golden) -> None:
         outputs = await model.infer(inputs, wanted)
     except Exception as exc:  # any engine failure on the golden batch refuses the version
         raise GateFailed([f"inference on the golden images failed: {exc}"]) from None
-    problems = compare(golden, dict(outputs), card.tagger)
+    problems = compare(golden, dict(outputs), tagger_of(card))
     if problems:
         raise GateFailed(problems)
 
@@ -287,7 +289,7 @@ def check_with_onnx(onnx_path: Path, golden: Golden, card: "ModelCard") -> list[
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [k for k in golden.outputs if k in {o.name for o in session.get_outputs()}]
     values = session.run(names, {session.get_inputs()[0].name: batch(golden.images, card.preset)})
-    return compare(golden, dict(zip(names, values, strict=True)), card.tagger)
+    return compare(golden, dict(zip(names, values, strict=True)), tagger_of(card))
 
 
 def run_onnx(onnx_path: Path, images: Sequence[tuple[str, bytes]], card: "ModelCard") -> dict[str, np.ndarray]:

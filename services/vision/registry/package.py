@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vision.errors import ConfigurationError
-from vision.files import sha256_file
-from vision.quantize import MIN_TOP1_AGREEMENT
+from vision.core.errors import ConfigurationError
+from vision.core.files import sha256_file
+from vision.evaluation.agreement import MIN_TOP1_AGREEMENT
 from vision.registry.golden import DEFAULT_TOLERANCE, Golden, prepare_images, record, run_onnx
+from vision.tasks.tagging import tagger_of
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def build(
     extra: Mapping[str, Path] | None = None,
     settings: Any = None,
 ) -> Package:
-    """Write the package of `config` (a vision.settings.ModelConfig) into the empty folder `out`.
+    """Write the package of `config` (a vision.config.settings.ModelConfig) into the empty folder `out`.
 
     Golden outputs are recorded on `golden_images` (default: scikit-image's photos) with the version's own
     export, unless `expect_like` names the package folder of another version: then that version's golden
@@ -87,9 +88,9 @@ def build(
     A version in another precision than that one (an int8 export of a float model) is held to top-1
     agreement with it (`min_agreement`, default 0.99) instead of the output tolerance; it needs `expect_like`.
     """
-    from vision.loading import model_card
+    from vision.config.settings import RANDOM_WEIGHTS, ServeSettings
     from vision.registry import golden as golden_mod
-    from vision.settings import RANDOM_WEIGHTS, ServeSettings
+    from vision.serving.loading import model_card
 
     out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()):
@@ -174,8 +175,8 @@ def _save_weights(config: Any, card: Any, weights: Path | None, dst: Path, *, ex
     names are resolved once here, so serving loads it strictly. With `export_to`, the same module is also
     exported to ONNX with every output of the signature (built once for both)."""
     from vision.backends.torch_backend import run_on_torch_thread
-    from vision.export import export_onnx
     from vision.models import create_model, with_outputs
+    from vision.models.export import export_onnx
 
     def save() -> None:
         import torch
@@ -207,7 +208,7 @@ def _card(card: Any, random_weights: bool, golden: Golden) -> dict[str, Any]:
         "task": card.task,
         "num_classes": signature.num_classes,
         "num_labels": card.num_labels,
-        "can_tag": card.tagger is not None,
+        "can_tag": tagger_of(card) is not None,
         "precision": card.precision,
         "preset": {
             "name": preset.name, "resize_shorter": preset.resize_shorter, "crop_size": preset.crop_size,
@@ -259,7 +260,7 @@ def load(root: Path, expected: Mapping[str, str]) -> Package:
 def serving_config(package: Package, *, name: str, version: str, base: Any) -> Any:
     """The ModelConfig that serves `package` as `name` version `version`; `base` (the `models:/...` entry)
     contributes how this process serves it (backend, triton_model)."""
-    from vision.settings import ModelConfig
+    from vision.config.settings import ModelConfig
 
     fields: dict[str, Any] = {}
     for key, value in package.spec.items():

@@ -11,7 +11,7 @@ alias moved it:
 1. downloads the new version's package and checks every sha256 against the version's tags;
 2. on Triton: writes `<repo>/<name>/<version>/` atomically, adds it to the config's version policy and
    loads it through the repository API (explicit model control); the old version keeps answering;
-3. loads the version on the loader thread (`vision.loading.publish`: models already serving keep
+3. loads the version on the loader thread (`vision.serving.loading.publish`: models already serving keep
    answering), runs the promotion gate on it before it is published (vision.registry.golden), then
    publishes it as the default in one step: new requests get it, requests in flight finish on the old one;
 4. retires the old version after it drains (then, on Triton, unloads it and removes its folder).
@@ -36,17 +36,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vision import metrics
-from vision.errors import ConfigurationError, NotFound
-from vision.registry.golden import Golden, GateFailed, gate
+from vision.config.uri import ModelUri, parse_model_uri
+from vision.core import metrics
+from vision.core.errors import ConfigurationError, NotFound
+from vision.registry.golden import GateFailed, Golden, gate
 from vision.registry.package import ONNX, ArtifactCorrupted, Package, serving_config
-from vision.registry.status import RegistryStatus
-from vision.registry.uri import ModelUri, parse_model_uri
+from vision.serving.status import RegistryStatus
 
 if TYPE_CHECKING:
+    from vision.config.settings import ModelConfig, ServeSettings
     from vision.registry.store import RegistryStore
-    from vision.repository import ModelRepository, ServedModel
-    from vision.settings import ModelConfig, ServeSettings
+    from vision.serving.repository import ModelRepository, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,8 @@ class Follower:
 
     # -- start-up (synchronous, before the server binds its port)
     def resolve(self) -> "ModelConfig":
-        from vision.registry.store import InvalidRegistryUri
-        from vision.registry.uri import default_registry_uri
-
-        from vision.registry.store import probe
+        from vision.config.uri import default_registry_uri
+        from vision.registry.store import InvalidRegistryUri, probe
 
         try:
             if not self.publisher.store_opened:
@@ -183,7 +181,7 @@ class Follower:
         """Gate the version loaded at start-up, pin it as the default, and follow the alias."""
         version = self.base_version(repository)
         model = repository.get(self.name, version)
-        model.card = self._annotate(model.card, version)
+        model.card, model.registry = self._annotate(model.card, version), self.status
         try:
             await gate(model, self._golden[version])
         except GateFailed as exc:
@@ -195,11 +193,10 @@ class Follower:
             self._task = asyncio.get_running_loop().create_task(self._follow(repository), name=f"registry-{self.name}")
 
     def _annotate(self, card: Any, version: str) -> Any:
-        """The card as the registry describes the version: the live registry status, and what the package's
-        card says about its weights (random on purpose, published metrics), which a weights file cannot."""
+        """The card as the registry describes the version: what the package's card says about its weights (random on purpose, published metrics), which a weights file cannot."""
         facts = self._cards.get(version, {})
         metrics_ = tuple(sorted((str(k), float(v)) for k, v in (facts.get("metrics") or {}).items()))
-        return replace(card, registry=self.status, random_weights=bool(facts.get("random_weights", card.random_weights)),
+        return replace(card, random_weights=bool(facts.get("random_weights", card.random_weights)),
                        metrics=metrics_ or card.metrics)
 
     def base_version(self, repository: "ModelRepository") -> str:
@@ -282,10 +279,10 @@ class Follower:
             golden = self._golden[version]
 
             async def check(model: "ServedModel") -> None:
-                model.card = self._annotate(model.card, version)
+                model.card, model.registry = self._annotate(model.card, version), self.status
                 await gate(model, golden)
 
-            from vision.loading import publish
+            from vision.serving.loading import publish
 
             try:
                 await publish(repository, config, self.settings, make_default=True, check=check)
@@ -346,7 +343,7 @@ class Follower:
     def _triton_add(self, config: "ModelConfig", package: Package) -> None:
         """Make Triton serve `config.version` next to the versions it serves (idempotent: another replica may
         have published it already)."""
-        from vision.files import sha256_file
+        from vision.core.files import sha256_file
         from vision.models import get_architecture
         from vision.triton.admin import TritonAdmin
         from vision.triton.errors import TritonError

@@ -28,9 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vision.errors import ConfigurationError, NotFound
-from vision.registry import package as pkg
-from vision.registry.uri import (
+from vision.config.uri import (
     ModelUri,
     check_alias,
     check_name,
@@ -39,6 +37,8 @@ from vision.registry.uri import (
     default_registry_uri,
     redact,
 )
+from vision.core.errors import ConfigurationError, NotFound
+from vision.registry import package as pkg
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class RegistryStore:
     def resolve(self, uri: ModelUri | str) -> str:
         """The version a URI names now (the alias's target, or the pinned version after checking it exists)."""
         if isinstance(uri, str):
-            from vision.registry.uri import parse_model_uri
+            from vision.config.uri import parse_model_uri
 
             uri = parse_model_uri(uri)
         if uri.alias:

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vision.errors import InvalidArgument
+from vision.core.errors import InvalidArgument
+from vision.media.views import CENTER, ViewSpec
+from vision.models.card import ModelCard
 from vision.models.signature import LOGITS
-from vision.repository import ModelCard
-from vision.views import CENTER, ViewSpec
 
 if TYPE_CHECKING:
-    from vision.dataplane import ViewOutputs
+    from vision.tasks.contract import ViewOutputs
 
 DEFAULT_TOP_K = 5
 

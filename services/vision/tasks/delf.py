@@ -46,16 +46,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vision.errors import ConfigurationError, InvalidArgument
-from vision.tasks.features import l2_normalize
+from vision.core.errors import ConfigurationError, InvalidArgument
+from vision.media.views import ViewSpec, capped_size
+from vision.models.card import DELF as TASK
 from vision.models.signature import ATTENTION, FeatureLayer, Signature
-from vision.views import ViewSpec, capped_size
+from vision.tasks.features import l2_normalize
 
 if TYPE_CHECKING:
-    from vision.dataplane import ViewOutputs
-    from vision.repository import ModelCard
+    from vision.models.card import ModelCard
+    from vision.tasks.contract import ViewOutputs
 
-TASK = "delf"
 
 REFERENCE_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 MAX_KEYPOINTS = 1000
@@ -325,7 +325,7 @@ class ExtractParams:
 
 
 def delf_of(card: "ModelCard") -> DelfModel:
-    model = getattr(card, "delf", None)
+    model = card.artifacts.get(TASK)
     if model is None:  # the repository only hands out DELF-capable models for this task
         raise InvalidArgument(f"model {card.name!r} cannot extract DELF features")
     return model
@@ -341,7 +341,7 @@ def image_side(model: DelfModel, options: ExtractOptions) -> int:
 
 
 def level_sizes(size: tuple[int, int], side: int, scales: Sequence[float]) -> list[tuple[int, int]]:
-    """(width, height) of each pyramid level, exactly as `vision.views.full_views` cuts them."""
+    """(width, height) of each pyramid level, exactly as `vision.media.views.full_views` cuts them."""
     base_w, base_h = capped_size(size, 0, side)
     return [(max(1, round(base_w * s)), max(1, round(base_h * s))) for s in scales]
 
@@ -510,7 +510,7 @@ def image_size(content: bytes) -> tuple[int, int] | None:
     read from its header only; None when the header is unreadable (decoding then reports why)."""
     from PIL import Image, UnidentifiedImageError
 
-    from vision.imaging import SUPPORTED_FORMATS
+    from vision.media.imaging import SUPPORTED_FORMATS
 
     errors = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
     try:
@@ -533,7 +533,7 @@ def is_tiny(content: bytes, size: tuple[int, int] | None, min_side: int) -> bool
 
 def check_tiny(content: bytes) -> tuple[int, int]:
     """Decode a tiny image fully (it is small) so a corrupt one is still INVALID_ARGUMENT; its size."""
-    from vision.imaging import DecodeLimits, decode_image
+    from vision.media.imaging import DecodeLimits, decode_image
 
     img = decode_image(content, DecodeLimits(max_bytes=TINY_MAX_BYTES, min_side=1))
     return img.size

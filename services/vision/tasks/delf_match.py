@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vision.errors import InvalidArgument
+from vision.core.errors import InvalidArgument
 from vision.tasks.delf import DelfFeatures
 
 DISTANCE_THRESHOLD = 0.8

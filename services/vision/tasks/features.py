@@ -28,13 +28,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vision.errors import ConfigurationError, InvalidArgument
+from vision.core.errors import ConfigurationError, InvalidArgument
+from vision.media.views import CENTER, TEN_CROP, ViewSpec
+from vision.models.card import FEATURES as TASK
 from vision.models.signature import EMBEDDING
-from vision.views import CENTER, TEN_CROP, ViewSpec
 
 if TYPE_CHECKING:
-    from vision.dataplane import ViewOutputs
-    from vision.repository import ModelCard
+    from vision.models.card import ModelCard
+    from vision.tasks.contract import ViewOutputs
 
 CROP_RECIPES = ("center", "ten_crop")
 POOLED_RECIPES = ("spoc", "avg", "mac", "gem", "rmac", "crow")
@@ -234,6 +235,11 @@ def fit_learned_whitening(name: str, descriptors: np.ndarray, pairs: Sequence[tu
     return Whitening(name, mean.astype(np.float32), projection[:dim].astype(np.float32), eigenvalues[order][:dim].astype(np.float32), "learned")
 
 
+def whitenings_of(card: "ModelCard") -> dict[str, Whitening]:
+    """The whitenings loaded with `card`'s weights, by name (empty when none)."""
+    return card.artifacts.get(TASK) or {}
+
+
 def load_whitenings(directory: Path | None) -> dict[str, Whitening]:
     """Every `<name>.npz` of a model's whitening folder, by name."""
     if directory is None:
@@ -286,7 +292,7 @@ class Features:
 
     # Full-resolution views: the shorter side is downscaled to at most this (never upscaled).
     max_shorter: int = 512
-    name: str = "features"
+    name: str = TASK
 
     def recipes(self, card: ModelCard) -> tuple[str, ...]:
         return RECIPES if card.signature.layers and card.signature.geometry.variable else CROP_RECIPES
@@ -321,10 +327,10 @@ class Features:
         dim = request.dim
         whitening = request.whitening
         if whitening:
-            if whitening not in card.whitenings:
-                known = ", ".join(sorted(card.whitenings)) or "none"
+            if whitening not in whitenings_of(card):
+                known = ", ".join(sorted(whitenings_of(card))) or "none"
                 raise InvalidArgument(f"unknown whitening {whitening!r} for model {card.name!r}; it has: {known}")
-            w = card.whitenings[whitening]
+            w = whitenings_of(card)[whitening]
             if not 0 <= dim <= w.max_dim:
                 raise InvalidArgument(f"dim must be between 1 and {w.max_dim} for whitening {whitening!r}, got {dim}")
             dim = dim or w.max_dim
@@ -335,7 +341,7 @@ class Features:
     def validate(self, card: ModelCard, request: FeatureRequest) -> Recipe:
         recipe = self.resolve(card, request)
         if recipe.whitening:
-            expected = card.whitenings[recipe.whitening].input_dim
+            expected = whitenings_of(card)[recipe.whitening].input_dim
             raw = self._raw_dim(card, recipe)
             if raw != expected:
                 raise InvalidArgument(
@@ -370,7 +376,7 @@ class Features:
             vectors = np.stack([self._pooled(maps, recipe) for maps in outputs.per_image(recipe.layer)])
         vectors = l2_normalize(vectors)
         if recipe.whitening:
-            vectors = card.whitenings[recipe.whitening].apply(vectors, recipe.dim)
+            vectors = whitenings_of(card)[recipe.whitening].apply(vectors, recipe.dim)
         return Descriptors(vectors.astype(np.float32), recipe)
 
     @staticmethod

@@ -44,15 +44,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from vision.errors import ConfigurationError, InvalidArgument
+from vision.core.errors import ConfigurationError, InvalidArgument
+from vision.labels.vocab import LabelVocabulary, propagate_max, propagate_sum
+from vision.media.views import CENTER, ViewSpec
+from vision.models.card import TAGGING as TASK
 from vision.models.signature import LOGITS
 from vision.tasks.classification import sigmoid, softmax
-from vision.views import CENTER, ViewSpec
-from vision.vocab import LabelVocabulary, propagate_max, propagate_sum
 
 if TYPE_CHECKING:
-    from vision.dataplane import ViewOutputs
-    from vision.repository import ModelCard
+    from vision.models.card import ModelCard
+    from vision.tasks.contract import ViewOutputs
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class Thresholds:
 
 
 # Keys a thresholds file may have. "fallback", "f1" and "fitted" are what
-# `vision.tasks.tagging_metrics.ThresholdSelection.as_dict()` writes, so its output can be saved as-is.
+# `vision.evaluation.tagging.ThresholdSelection.as_dict()` writes, so its output can be saved as-is.
 _THRESHOLD_KEYS = ("default", "fallback", "thresholds", "f1", "fitted", "metadata")
 
 
@@ -137,7 +138,7 @@ def load_thresholds(path: Path, vocab: LabelVocabulary, n_outputs: int) -> Thres
 
     or ``"thresholds": [t0, t1, ...]`` with one value per label of the vocabulary, or one per model output
     (hierarchy concepts then use ``default``). Every value is in [0, 1]. The output of
-    ``vision.tasks.tagging_metrics.best_f1_thresholds(...).as_dict()`` (keys thresholds, fallback, f1, fitted) is
+    ``vision.evaluation.tagging.best_f1_thresholds(...).as_dict()`` (keys thresholds, fallback, f1, fitted) is
     accepted as written, its ``fallback`` serving as ``default``. Raises `ConfigurationError` naming the
     file and the offending entry.
     """
@@ -367,7 +368,7 @@ def _tag_vocabulary(
     hierarchy: str | None,
     label_vocabulary: LabelVocabulary | None,
 ) -> LabelVocabulary | None:
-    from vision.models.labels import IMAGENET, imagenet_wordnet, read_vocabulary
+    from vision.labels.names import IMAGENET, imagenet_wordnet, read_vocabulary
 
     n_outputs = len(labels)
     if hierarchy == HIERARCHY_NONE:
@@ -389,6 +390,11 @@ def _tag_vocabulary(
     if vocab.has_hierarchy or task == "multilabel":
         return vocab
     return None
+
+
+def tagger_of(card: "ModelCard") -> Tagger | None:
+    """The tagger built for `card`'s weights at load, or None when the model cannot tag."""
+    return card.artifacts.get(TASK)
 
 
 def load_tagger(
@@ -462,7 +468,7 @@ def load_tagger(
 class Tagging:
     """The data plane's view of tagging: centre crop, logits, the model's tagger."""
 
-    name = "tagging"
+    name = TASK
 
     def validate(self, card: "ModelCard", options: TagOptions) -> TagOptions:
         return options  # TagOptions validates itself; every model the repository returns for "tagging" has a tagger
@@ -474,8 +480,9 @@ class Tagging:
         return (LOGITS,)
 
     def postprocess(self, card: "ModelCard", outputs: "ViewOutputs", options: TagOptions) -> list[list[Tag]]:
-        assert card.tagger is not None
-        return card.tagger.tag(outputs.stacked(LOGITS), options)
+        tagger = tagger_of(card)
+        assert tagger is not None  # the repository hands out only tagging-capable models for this task
+        return tagger.tag(outputs.stacked(LOGITS), options)
 
 
 TAGGING = Tagging()

@@ -15,9 +15,9 @@ from vision.models.signature import Signature
 from vision.triton.repository import Flavour, TensorSpec, write_model
 
 if TYPE_CHECKING:
-    from vision.settings import ModelConfig
+    from vision.config.settings import ModelConfig
 
-INPUT_NAME = "images"  # vision.export.INPUT_NAME, without importing torch to learn it
+INPUT_NAME = "images"  # vision.models.export.INPUT_NAME, without importing torch to learn it
 
 
 def triton_specs(signature: Signature) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -61,8 +61,8 @@ def export_model(
     `onnx_file` is written as it is instead (an int8 model from `vision quantize`): its outputs are checked
     against the signature, and with `tensorrt` TensorRT builds it in INT8 from its explicit Q/DQ scales."""
     from vision.backends.torch_backend import run_on_torch_thread
-    from vision.export import export_onnx
     from vision.models import create_model, get_architecture, with_outputs
+    from vision.models.export import export_onnx
 
     signature = get_architecture(arch).signature(num_classes)
     inputs, outputs = triton_specs(signature)
@@ -70,7 +70,7 @@ def export_model(
         onnx_path = Path(tmp) / "model.onnx"
         precision = "FP16"
         if onnx_file is not None:
-            from vision.quantize import precision_of
+            from vision.models.precision import precision_of
 
             onnx_path = Path(onnx_file)
             precision = "INT8" if precision_of(onnx_path) == "int8" else "FP16"
@@ -115,8 +115,8 @@ def export_to_triton(
     """Export the model `config` describes (weights, labels -> head width) and write it into `repository`
     under `config.triton_model or served name`, version `config.version`; a spec with `onnx=FILE` (an int8
     model) is written as that file. Returns the model's directory."""
-    from vision.errors import ConfigurationError
-    from vision.loading import head_width, resolve_weights
+    from vision.core.errors import ConfigurationError
+    from vision.serving.loading import head_width, resolve_weights
 
     if not config.version.isdigit():
         raise ConfigurationError(f"Triton versions are integers, got {config.version!r}")

@@ -1,0 +1,1 @@
+"""The gRPC surface: error mapping to status codes, protobuf codecs, and one servicer per service."""

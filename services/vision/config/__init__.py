@@ -1,0 +1,1 @@
+"""Settings and names read from the environment and flags: serve settings, model URIs, jobs and worker configuration."""

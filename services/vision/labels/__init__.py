@@ -1,0 +1,1 @@
+"""Label vocabularies, label files and labelled datasets (folders, dataset.json, images.txt)."""

@@ -1,0 +1,1 @@
+"""Bytes to pixels: decoding under limits, preprocessing presets, views (crops), bundled photos."""

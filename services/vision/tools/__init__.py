@@ -1,0 +1,1 @@
+"""Offline commands that run no server: int8 quantization and other model tools."""
