@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import grpc
 import pytest
-
 from conftest import classify_request, metric_value, scrape
-from vision.serving.loading import load_repository, publish
-from vision.runners.server import Endpoints, serve
 from vision.config.settings import ModelConfig, ServeSettings
+from vision.runners.server import Endpoints, serve
+from vision.serving.loading import load_repository, publish
 from vision.v1 import classification_pb2_grpc
 
 NAME = "lite"
@@ -38,55 +41,104 @@ async def live_server(tmp_path):
     await asyncio.wait_for(task, 60)
 
 
+@dataclass(frozen=True)
+class Answer:
+    sent: float  # stamped before the call is made: at or before the server saw the request
+    answered: float  # stamped once the reply is in: at or after the server resolved the model
+    version: str
+    top: int
+
+
+class Defaults:
+    """The default version of a name over time, as this test changes it in-process. Each change is stamped
+    just before it is made and just after it returns, so a request resolved (at some moment between its
+    `sent` and `answered` stamps) can only have seen a version that was, or may have been, the default then."""
+
+    def __init__(self, first: str) -> None:
+        self._changes: list[tuple[float, float, str]] = [(-math.inf, -math.inf, first)]
+
+    @contextmanager
+    def change(self, version: str) -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        self._changes.append((started, time.monotonic(), version))
+
+    def possible(self, answer: Answer) -> set[str]:
+        # A version may be the default from the moment its change starts until the next change has returned.
+        ends = [end for _, end, _ in self._changes[1:]] + [math.inf]
+        return {v for (start, _, v), until in zip(self._changes, ends) if start <= answer.answered and answer.sent <= until}
+
+
 async def test_versions_swap_under_load_with_zero_errors(live_server, photos):
     settings, repository, endpoints = live_server
-    answered: list[tuple[float, str, int]] = []  # (time, version, top-1 class)
+    answers: list[Answer] = []
+    progress = asyncio.Condition()
     errors: collections.Counter[str] = collections.Counter()
     stop_load = asyncio.Event()
 
     async def client() -> None:
         async with grpc.aio.insecure_channel(endpoints.grpc_address) as channel:
             stub = classification_pb2_grpc.ClassificationStub(channel)
+            request = classify_request(photos["coffee.jpg"], top_k=1, model=NAME)
             while not stop_load.is_set():
+                sent = time.monotonic()
                 try:
-                    reply = await stub.Classify(classify_request(photos["coffee.jpg"], top_k=1, model=NAME), timeout=30)
+                    reply = await stub.Classify(request, timeout=30)
                 except grpc.aio.AioRpcError as exc:
                     errors[exc.code().name] += 1
                     continue
-                answered.append((time.monotonic(), reply.model.version, reply.results[0].predictions[0].index))
+                async with progress:
+                    answers.append(Answer(sent, time.monotonic(), reply.model.version, reply.results[0].predictions[0].index))
+                    progress.notify_all()
 
+    async def answered_since(moment: float, what: str, count: int = 6) -> None:
+        """Wait for `count` requests sent after `moment` to be answered (the load goes on meanwhile)."""
+        async with progress:
+            try:
+                await asyncio.wait_for(progress.wait_for(lambda: sum(a.sent >= moment for a in answers) >= count), 120)
+            except TimeoutError:
+                pytest.fail(f"no {count} requests sent after {what} were answered; errors: {dict(errors)}")
+
+    defaults = Defaults("1")
     clients = [asyncio.ensure_future(client()) for _ in range(6)]
-    await asyncio.sleep(1.0)
-    # Version 2: other weights (seeded random), loaded and exported while version 1 keeps serving.
-    loading_started = time.monotonic()
-    await publish(repository, ModelConfig(arch="efficientnet_lite0", name=NAME, version="2", weights="random"), settings)
-    loaded_at = time.monotonic()
-    served_while_loading = [a for a in answered if loading_started <= a[0] <= loaded_at]
-    assert served_while_loading, "loading a version stalled the versions already serving"
-    assert repository.default_version(NAME) == "2"  # the newest, as no default was set
-    repository.set_default(NAME, "1")
+    await answered_since(-math.inf, "the start")
+    # Version 2: other weights (seeded random), loaded and exported while version 1 keeps serving. It is
+    # the newest and no default is set, so it becomes the default when it is published.
+    with defaults.change("2"):
+        loading_started = time.monotonic()
+        await publish(repository, ModelConfig(arch="efficientnet_lite0", name=NAME, version="2", weights="random"), settings)
+        loaded = time.monotonic()
+    assert [a for a in answers if loading_started <= a.sent and a.answered <= loaded], (
+        "loading a version stalled the versions already serving"
+    )
+    assert repository.default_version(NAME) == "2"
+    with defaults.change("1"):
+        repository.set_default(NAME, "1")
     switched_back = time.monotonic()
-    await asyncio.sleep(1.5)
-    repository.set_default(NAME, "2")
+    await answered_since(switched_back, "switching back to version 1")
+    with defaults.change("2"):
+        switching = time.monotonic()
+        repository.set_default(NAME, "2")
     switched = time.monotonic()
+    # Right away, while requests that resolved version 1 may still be running on it.
     await repository.retire(NAME, "1")
     retired = time.monotonic()
-    await asyncio.sleep(1.0)
+    await answered_since(retired, "the retirement")
     stop_load.set()
     await asyncio.gather(*clients)
 
     assert not errors, f"requests failed during the swap: {dict(errors)}"
-    by_version = {version: {top for _, v, top in answered if v == version} for version in ("1", "2")}
+    by_version = {version: {a.top for a in answers if a.version == version} for version in ("1", "2")}
     assert by_version["1"] == {967}, "version 1 is the real ImageNet model: espresso"
     assert by_version["2"] and 967 not in by_version["2"]
-    # Each request was answered by the version that was the default when it arrived (a request in flight
-    # across a switch may finish on the version it started with, so allow one request time of slack).
-    slack = 0.5
-    while_one = [v for t, v, _ in answered if switched_back + slack < t < switched]
-    assert while_one and set(while_one) == {"1"}
-    after = [v for t, v, _ in answered if t > switched + slack]
-    assert after and set(after) == {"2"}
-    assert [a for a in answered if a[0] > retired], "nothing was served after the retirement"
+    # Each request was answered by a version that was the default while it was in flight: by the one it
+    # resolved on arrival, even when a switch came before it finished.
+    wrong = [a for a in answers if a.version not in defaults.possible(a)]
+    assert not wrong, f"answered by a version that was not the default while they were in flight: {wrong[:5]}"
+    # And the windows this test relies on were exercised: requests made and answered between the two
+    # switches (version 1 only), and requests made after the switch to version 2 returned.
+    assert {a.version for a in answers if a.sent >= switched_back and a.answered <= switching} == {"1"}
+    assert {a.version for a in answers if a.sent >= switched} == {"2"}
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async with grpc.aio.insecure_channel(endpoints.grpc_address) as channel:
             await classification_pb2_grpc.ClassificationStub(channel).Classify(
@@ -111,9 +163,17 @@ async def test_a_request_in_flight_finishes_on_the_version_being_retired(live_se
         while version_one.leases == 0:
             await asyncio.sleep(0.002)
         retirement = asyncio.ensure_future(repository.retire(NAME, "1"))
-        await asyncio.sleep(0.01)
-        assert not retirement.done(), "the retirement must wait for the request holding version 1"
-        assert version_one.backend.is_ready(), "the backend must stay open while a request uses it"
+        # Watched for as long as the request holds version 1 (not for a guessed time): the retirement,
+        # started meanwhile, must wait and the backend stay open.
+        watched = 0
+        while True:
+            await asyncio.sleep(0.002)
+            if not version_one.leases:
+                break
+            watched += 1
+            assert not retirement.done(), "the retirement must wait for the request holding version 1"
+            assert version_one.backend.is_ready(), "the backend must stay open while a request uses it"
+        assert watched, "the request must still hold version 1 once the retirement has started"
         reply = await big
         await retirement
     assert reply.model.version == "1" and len(reply.results) == 32
