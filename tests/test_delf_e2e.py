@@ -18,10 +18,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from conftest import ServerProcess, encode, metric_value, photo, scrape
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-
-from conftest import ServerProcess, encode, metric_value, photo, scrape
 from vision.tasks.delf import REFERENCE_SCALES
 from vision.v1 import common_pb2, delf_pb2, delf_pb2_grpc
 
@@ -214,6 +213,24 @@ def test_exif_orientation_is_applied_before_extraction(delf):
     assert len(xy) and xy[:, 0].max() <= 299 and xy[:, 1].max() <= 399
 
 
+def _exif_jpeg(img: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_each_image_reports_its_decoded_upright_size_in_every_format(delf):
+    """The sizes come from the data plane's decode (EXIF orientation applied), tiny images' too."""
+    img = photo("motorcycle_left.png").resize((123, 77))
+    contents = [encode(img, fmt) for fmt in ("PNG", "JPEG", "GIF", "WEBP", "BMP")]
+    contents += [_exif_jpeg(img, 6), _exif_jpeg(img, 3), _exif_jpeg(img.resize((5, 3)), 6)]
+    response = extract(delf, *contents)
+    sizes = [(r.features.image_width, r.features.image_height) for r in response.results]
+    assert sizes == [(123, 77)] * 5 + [(77, 123), (123, 77), (3, 5)]
+
+
 def test_list_models_says_how_each_model_extracts(delf):
     (model,) = delf.ListModels(common_pb2.ListModelsRequest(), timeout=10).models
     assert model.model.name == "efficientnet_lite0" and model.model.architecture == "efficientnet_lite0"
@@ -376,7 +393,6 @@ def test_keypoints_inliers_and_match_time_are_exported(server, delf, pair):
 def test_a_retired_versions_delf_series_are_removed():
     # What ModelRepository.retire calls (tests/test_live_models.py drives a real retirement).
     from prometheus_client import generate_latest
-
     from vision.core import metrics
 
     for version in ("7", "8"):
@@ -565,3 +581,65 @@ def test_a_bad_pca_file_stops_start_up_with_its_name(tmp_path):
     done = vision("serve", "--port", "0", "--metrics-port", "0", "--services", "delf",
                   "--model", f"arch=efficientnet_lite0,delf_pca={bad}", timeout=120)
     assert done.returncode == 1 and str(bad) in done.stderr and "not readable" in done.stderr
+
+
+# --------------------------------------------------------------------------------------
+# Configured limits apply to DELF like to every service (the servicer goes through the data plane)
+# --------------------------------------------------------------------------------------
+
+PIXEL_LIMIT = 400_000  # the 741 x 500 stereo photos (370,500 pixels) fit
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("delf-limited") / "serve.log"
+    proc = ServerProcess(
+        ["--services", "delf", "--max-image-pixels", str(PIXEL_LIMIT), "--max-images-per-request", "4"], log
+    ).wait_ready(timeout=300)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def delf_limited(limited_server) -> delf_pb2_grpc.DelfStub:
+    ch = grpc.insecure_channel(limited_server.address, options=[("grpc.max_receive_message_length", 1 << 28)])
+    yield delf_pb2_grpc.DelfStub(ch)
+    ch.close()
+
+
+def test_tiny_images_obey_the_configured_limits_and_mix_with_normal_ones(delf_limited, limited_server, pair):
+    labels = {"model": "efficientnet_lite0", "version": "1"}
+
+    def forward_passes() -> float:
+        return metric_value(scrape(limited_server.metrics_url), "vision_inference_batch_size_count", **labels)
+
+    one = encode(Image.new("RGB", (1, 1), (255, 0, 0)), "PNG")
+    thin = encode(Image.new("RGB", (3, 40), (0, 0, 255)), "PNG")
+    # Mixed in one request: tiny ones answered empty with their sizes, the photo extracted, in request order.
+    response = extract(delf_limited, one, pair["left"], thin)
+    assert [len(r.features.keypoints) for r in response.results] == [0, 1000, 0]
+    assert [(r.features.image_width, r.features.image_height) for r in response.results] == [(1, 1), (741, 500), (3, 40)]
+    assert [r.image_id for r in response.results] == ["img0", "img1", "img2"]
+    # Only tiny images: answered by the model, without a forward pass.
+    before = forward_passes()
+    alone = extract(delf_limited, one, thin)
+    assert [len(r.features.keypoints) for r in alone.results] == [0, 0] and alone.model.name == "efficientnet_lite0"
+    assert forward_passes() == before
+    # A tiny image is still held to the server's pixel limit (4 x 120,000: a 3-KB PNG)...
+    long = encode(Image.new("RGB", (4, 120_000), (10, 20, 30)), "PNG")
+    code, details = status_of(lambda: extract(delf_limited, pair["left"], long))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith(f"image 1 (id 'img1'): image is 4x120000 = 480000 pixels, over the {PIXEL_LIMIT}-pixel limit")
+    code, details = status_of(lambda: match(delf_limited, side(pair["left"]), side(long)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("b.image: image is 4x120000")
+    # ... as a large one is, and to its image count per request.
+    big = jpeg(photo("motorcycle_left.png").resize((1000, 500)))
+    code, details = status_of(lambda: extract(delf_limited, one, big))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("image 1 (id 'img1'): image is 1000x500")
+    code, details = status_of(lambda: extract(delf_limited, *[one] * 5))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "5 images, over the limit of 4" in details
+    # A corrupt tiny image is refused, naming it.
+    noise = np.random.default_rng(0).integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    whole = encode(Image.fromarray(noise), "PNG")
+    code, details = status_of(lambda: extract(delf_limited, one, whole[: len(whole) // 2 + 10]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("image 1 (id 'img1'): corrupt or truncated")

@@ -1,20 +1,20 @@
 """DELF extraction as pure numpy: keypoint locations from receptive fields, selection, descriptors, PCA,
-options, image sizes. The model-facing parts run through the server in test_delf_e2e.py."""
+options, images without views. The model-facing parts run through the server in test_delf_e2e.py."""
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 import pytest
 from PIL import Image
-
-from conftest import encode, photo
-from vision.core.errors import ConfigurationError, InvalidArgument, InvalidImage
-from vision.media.imaging import DecodeLimits, decode_image, get_preset
+from vision.core.errors import ConfigurationError, InvalidArgument, ResourceExhausted
+from vision.media.imaging import get_preset
+from vision.media.views import ViewSpec, full_views
 from vision.models import get_architecture
+from vision.models.card import ModelCard
 from vision.models.signature import FeatureLayer, Signature
+from vision.tasks.contract import ViewOutputs
 from vision.tasks.delf import (
     FALLBACK_SCORE_THRESHOLD,
     REFERENCE_SCALES,
@@ -25,17 +25,14 @@ from vision.tasks.delf import (
     ExtractOptions,
     ExtractParams,
     box_nms,
-    check_tiny,
+    delf_of,
     extract_image,
     fallback_scores,
     fit_pca,
-    image_size,
     inside_fraction,
-    is_tiny,
     level_sizes,
     load_delf_model,
 )
-from vision.media.views import ViewSpec, full_views
 
 LAYER3 = FeatureLayer("layer3", 8, 16, receptive_field=267, padding=133)
 
@@ -292,61 +289,59 @@ def test_bad_options_name_the_parameter(kwargs, message):
         ExtractOptions(**kwargs)
 
 
-def test_a_request_may_lower_the_cap_not_raise_it_and_levels_stay_bounded():
-    from vision.models.card import ModelCard
-
-    card = ModelCard(
+def delf_card() -> ModelCard:
+    """ResNet-50 DELF (layer3: 1024 channels, 267-px receptive field, trained attention), no PCA."""
+    signature = get_architecture("delf_resnet50").signature(0)
+    return ModelCard(
         name="m", version="1", architecture="delf_resnet50", task="features", labels=(), preset=get_preset("delf"),
-        backend="onnxruntime", signature=get_architecture("delf_resnet50").signature(0),
-        artifacts={"delf": load_delf_model("m", get_architecture("delf_resnet50").signature(0))},
+        backend="onnxruntime", signature=signature, artifacts={"delf": load_delf_model("m", signature)},
     )
+
+
+def test_a_request_may_lower_the_cap_not_raise_it_and_levels_stay_bounded():
+    card = delf_card()
     task = DelfExtraction()
-    task.validate(card, ExtractParams(ExtractOptions(max_image_side=512), ()))
-    assert task.views(card, ExtractParams(ExtractOptions(max_image_side=512), ())).max_longer == 512
-    assert task.outputs(card, ExtractParams(ExtractOptions(), ())) == ("layer3", "attention")
+    task.validate(card, ExtractParams(ExtractOptions(max_image_side=512), 1))
+    spec = task.views(card, ExtractParams(ExtractOptions(max_image_side=512), 1))
+    # Images down to 1 px decode (under the platform minimum they get no views): DELF answers them empty.
+    assert (spec.kind, spec.max_longer, spec.min_side) == ("full", 512, 1)
+    assert task.outputs(card, ExtractParams(ExtractOptions(), 1)) == ("layer3", "attention")
     with pytest.raises(InvalidArgument, match="over this model's cap of 1024"):
-        task.validate(card, ExtractParams(ExtractOptions(max_image_side=2048), ()))
+        task.validate(card, ExtractParams(ExtractOptions(max_image_side=2048), 1))
     with pytest.raises(InvalidArgument, match="largest pyramid level"):
-        task.validate(card, ExtractParams(ExtractOptions(scales=(3.0,)), ()))
-    task.validate(card, ExtractParams(ExtractOptions(scales=(0.25,)), ()))  # runs; gives no keypoints (256 < 267 px)
-    task.validate(card, ExtractParams(ExtractOptions(scales=(3.0,), max_image_side=600), ()))
+        task.validate(card, ExtractParams(ExtractOptions(scales=(3.0,)), 1))
+    task.validate(card, ExtractParams(ExtractOptions(scales=(0.25,)), 1))  # runs; gives no keypoints (256 < 267 px)
+    task.validate(card, ExtractParams(ExtractOptions(scales=(3.0,), max_image_side=600), 1))
 
 
-# --------------------------------------------------------------------------------------
-# Sizes before decoding
-# --------------------------------------------------------------------------------------
+def test_a_response_that_could_exceed_the_limit_is_refused_at_validation():
+    card, task = delf_card(), DelfExtraction()
+    # 1000 keypoints of 1024 floats and 24 bytes of location: 4.12 MB per image; 16 fit in 64 MiB, 17 do not.
+    task.validate(card, ExtractParams(ExtractOptions(), 16))
+    with pytest.raises(ResourceExhausted, match="17 images of up to 1000 keypoints with 1024-d descriptors"):
+        task.validate(card, ExtractParams(ExtractOptions(), 17))
+    task.validate(card, ExtractParams(ExtractOptions(max_keypoints=500), 32))
 
 
-def _exif_rotated_jpeg(img: Image.Image, orientation: int) -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", exif=exif.tobytes())
-    return buf.getvalue()
+def test_images_without_views_get_empty_features_of_their_size():
+    card, task = delf_card(), DelfExtraction()
+    model = delf_of(card)
+    params = task.validate(card, ExtractParams(ExtractOptions(scales=(1.0, 0.5), max_image_side=512, score_threshold=0.0), 3))
+    size = (600, 400)
+    maps, scores = maps_for(size, params.options.scales, layer=model.layer, side=512)
+    # The middle image's two levels, each its own shape group (as the data plane groups them).
+    groups = [([i], {"layer3": maps[i][None], "attention": scores[i][None]}) for i in range(2)]
+    outputs = ViewOutputs([0, 2, 0], groups, [(5, 3), size, (1, 1)])
+    tiny, found, one = task.postprocess(card, outputs, params)
+    expected = extract_image(model, params.options, size, maps, scores)
+    assert len(found) == len(expected) > 0
+    np.testing.assert_array_equal(found.locations, expected.locations)
+    for empty, (width, height) in ((tiny, (5, 3)), (one, (1, 1))):
+        assert (empty.width, empty.height, len(empty)) == (width, height, 0)
+        assert empty.descriptors.shape == (0, 1024) and empty.locations.shape == (0, 2)
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "EXIF6", "EXIF3"])
-def test_header_size_is_the_decoded_size(fmt):
-    img = photo("motorcycle_left.png").resize((123, 77))
-    if fmt.startswith("EXIF"):
-        content = _exif_rotated_jpeg(img, int(fmt[4:]))
-    else:
-        content = encode(img, fmt)
-    decoded = decode_image(content)
-    assert image_size(content) == decoded.size
-    if fmt == "EXIF6":
-        assert decoded.size == (77, 123)
-
-
-def test_tiny_images_are_checked_and_measured():
-    tiny = encode(Image.new("RGB", (1, 1), (255, 0, 0)), "PNG")
-    assert image_size(tiny) == (1, 1) and is_tiny(tiny, (1, 1), DecodeLimits().min_side)
-    assert check_tiny(tiny) == (1, 1)
-    assert not is_tiny(tiny, (8, 8), DecodeLimits().min_side) and not is_tiny(tiny, None, 8)
-    noise = np.random.default_rng(0).integers(0, 256, (3, 5, 3), dtype=np.uint8)
-    whole = encode(Image.fromarray(noise), "PNG")
-    truncated = whole[: len(whole) // 2 + 10]
-    assert image_size(truncated) == (5, 3)  # the header is fine ...
-    with pytest.raises(InvalidImage):  # ... the pixels are not
-        check_tiny(truncated)
-    assert image_size(b"garbage") is None
+def test_a_view_spec_refuses_a_negative_minimum_side():
+    assert ViewSpec("full", min_side=1).min_side == 1 and ViewSpec().min_side == 0
+    with pytest.raises(ValueError, match="min_side"):
+        ViewSpec("full", min_side=-1)

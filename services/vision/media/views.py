@@ -32,8 +32,15 @@ class ViewSpec:
     # `full` only: the capped image's shorter / longer side is at most this (0: no cap).
     max_shorter: int = 0
     max_longer: int = 0
+    # Images with a side under the platform's decode minimum (DecodeLimits.min_side) are refused, unless the
+    # spec accepts them down to this side (0: it does not): they are then decoded, so a corrupt one is still
+    # refused, and get no views, so no forward pass; the task's postprocess answers them without outputs
+    # (DELF: no features, as the reference extractor gives images under 10 px).
+    min_side: int = 0
 
     def __post_init__(self) -> None:
+        if self.min_side < 0:
+            raise ValueError(f"min_side must be 0 or more, got {self.min_side}")
         if not self.scales or any(not (0 < s <= 8) or not math.isfinite(s) for s in self.scales):
             raise InvalidArgument(f"scales must be between 0 and 8 (exclusive of 0), got {list(self.scales)}")
         if self.kind != "full" and self.scales != (1.0,):

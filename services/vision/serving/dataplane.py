@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -25,7 +26,8 @@ from vision.tasks.contract import EncodedImage, Task, TaskCall, ViewOutputs
 P = TypeVar("P")
 Q = TypeVar("Q")
 R = TypeVar("R")
-
+# An image's (width, height) as decoded and its views.
+Loaded = tuple[tuple[int, int], list[np.ndarray]]
 
 
 class DataPlane:
@@ -70,6 +72,8 @@ class DataPlane:
     ) -> Any:
         """Run `call` through `task` on the model it selects and return `respond(card, images, results)`,
         computed in a worker thread with the postprocessing."""
+        # The batch first: a request no model could serve costs no model lookup.
+        self.check_batch(call.images)
         model = self.repository.get(call.model_name, call.model_version, task=task.name)
         with model.lease():
             card = model.card
@@ -82,24 +86,39 @@ class DataPlane:
 
             return await asyncio.get_running_loop().run_in_executor(self._post_pool, finish)
 
-    def _load_one(self, model: ServedModel, spec: ViewSpec, index: int, image: EncodedImage) -> list[np.ndarray]:
+    def _load_one(
+        self, model: ServedModel, spec: ViewSpec, limits: DecodeLimits, draft: int | None, index: int, image: EncodedImage
+    ) -> Loaded:
         labels = {"model": model.card.name, "version": model.card.version}
         preset = model.card.preset
         try:
             started = time.perf_counter()
-            decoded = decode_image(image.content, self._limits, min_target_side=spec.min_decode_side(preset))
+            decoded = decode_image(image.content, limits, min_target_side=draft)
             decoded_at = time.perf_counter()
-            views = make_views(decoded, preset, spec)
+            # Under the platform's minimum only where the spec lowered it: no usable signal, so no views.
+            tiny = limits is not self._limits and min(decoded.size) < self._limits.min_side
+            views = [] if tiny else make_views(decoded, preset, spec)
         except InvalidImage as exc:
             raise exc.at(index, image.id) from None
         metrics.STAGE_LATENCY.labels(stage="decode", **labels).observe(decoded_at - started)
         metrics.STAGE_LATENCY.labels(stage="preprocess", **labels).observe(time.perf_counter() - decoded_at)
-        return views
+        return decoded.size, views
 
-    async def load_views(self, model: ServedModel, images: Sequence[EncodedImage], spec: ViewSpec) -> list[list[np.ndarray]]:
-        """Each image's views for the model's preset; the first bad image fails the call, naming its index,
-        and the decodes not started yet are not run (a bad request should not keep the pool busy)."""
-        self.check_batch(images)
+    def _limits_for(self, spec: ViewSpec) -> DecodeLimits:
+        """The configured limits, with the minimum side lowered where the spec accepts smaller images."""
+        if spec.min_side and spec.min_side < self._limits.min_side:
+            return dataclasses.replace(self._limits, min_side=spec.min_side)
+        return self._limits
+
+    async def load_views(self, model: ServedModel, images: Sequence[EncodedImage], spec: ViewSpec) -> list[Loaded]:
+        """Each image's decoded size and views for the model's preset (a request's images, checked with
+        `check_batch`); the first bad image fails the call, naming its index, and the decodes not started
+        yet are not run (a bad request should not keep the pool busy)."""
+        limits = self._limits_for(spec)
+        draft = spec.min_decode_side(model.card.preset)
+        if draft is not None and limits is not self._limits:
+            # A JPEG decoded downsampled must not turn into a tiny image: its views would be dropped.
+            draft = max(draft, self._limits.min_side)
         loop = asyncio.get_running_loop()
         # A request keeps at most one decode per worker queued, so the pool interleaves requests instead of
         # making a 1-image request wait behind all 64 images of another (the same fairness the batcher gives
@@ -107,11 +126,11 @@ class DataPlane:
         window = asyncio.Semaphore(self._decode_workers)
         failed = asyncio.Event()
 
-        async def load(index: int, image: EncodedImage) -> list[np.ndarray]:
+        async def load(index: int, image: EncodedImage) -> Loaded:
             async with window:
                 if failed.is_set():
                     raise asyncio.CancelledError
-                return await loop.run_in_executor(self._pool, self._load_one, model, spec, index, image)
+                return await loop.run_in_executor(self._pool, self._load_one, model, spec, limits, draft, index, image)
 
         tasks = [asyncio.ensure_future(load(i, img)) for i, img in enumerate(images)]
         try:
@@ -130,11 +149,12 @@ class DataPlane:
         self, model: ServedModel, images: Sequence[EncodedImage], spec: ViewSpec, outputs: tuple[str, ...]
     ) -> ViewOutputs:
         """Decode, cut into views and infer; views of one shape go to the backend as one batch (all of a
-        request's centre crops or ten-crops: one call), other shapes as batches of their own, concurrently."""
+        request's centre crops or ten-crops: one call), other shapes as batches of their own, concurrently.
+        Only views that exist are inferred: images without views cost no backend call."""
         per_image = await self.load_views(model, images, spec)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         flat: list[np.ndarray] = []
-        for views in per_image:
+        for _, views in per_image:
             for view in views:
                 by_shape.setdefault(view.shape, []).append(len(flat))
                 flat.append(view)
@@ -142,4 +162,8 @@ class DataPlane:
         results = await asyncio.gather(
             *(model.infer(flat[p[0]][None] if len(p) == 1 else np.stack([flat[i] for i in p]), outputs) for p in positions)
         )
-        return ViewOutputs([len(v) for v in per_image], list(zip(positions, results, strict=True)))
+        return ViewOutputs(
+            [len(views) for _, views in per_image],
+            list(zip(positions, results, strict=True)),
+            [size for size, _ in per_image],
+        )

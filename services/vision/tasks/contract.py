@@ -32,15 +32,22 @@ class EncodedImage:
 
 
 class ViewOutputs:
-    """Model outputs of every view of every image of a request, views in image-major order."""
+    """Model outputs of every view of every image of a request, views in image-major order, and each image's
+    size. An image may have no views (one its ViewSpec accepts under the decode minimum, `min_side`)."""
 
-    def __init__(self, views_per_image: list[int], groups: list[tuple[list[int], Outputs]]) -> None:
+    def __init__(
+        self, views_per_image: list[int], groups: list[tuple[list[int], Outputs]], sizes: list[tuple[int, int]]
+    ) -> None:
         self.views_per_image = views_per_image
         # (positions of the views in request order, their outputs stacked in that order) per input shape.
         self._groups = groups
+        # (width, height) of each image as decoded, EXIF orientation applied: the image its views were cut
+        # from. The original's size unless the ViewSpec lets JPEGs decode downsampled (`min_decode_side`).
+        self.sizes = sizes
 
     def stacked(self, name: str) -> np.ndarray:
-        """Output `name` of all views, (n_views, ...), in request order. Needs one shape across views."""
+        """Output `name` of all views, (n_views, ...), in request order. Needs one shape across views and
+        at least one view."""
         if len(self._groups) == 1:
             return self._groups[0][1][name]  # crop views: one forward group already in request order
         rows = self.per_view(name)

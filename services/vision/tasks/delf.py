@@ -36,7 +36,6 @@ few pixels and is exact for the image the model saw.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Sequence
@@ -46,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vision.core.errors import ConfigurationError, InvalidArgument
+from vision.core.errors import ConfigurationError, InvalidArgument, ResourceExhausted
 from vision.media.views import ViewSpec, capped_size
 from vision.models.card import DELF as TASK
 from vision.models.signature import ATTENTION, FeatureLayer, Signature
@@ -71,6 +70,14 @@ MIN_IMAGE_SIDE = 10
 MAX_SCALES = 12
 MAX_KEYPOINTS_LIMIT = 10_000
 MAX_LEVEL_FACTOR = 2.0
+# vision.runners.server sends at most 64 MiB per response; what a request could need is checked before any work
+# (1000 keypoints of 1024-d descriptors without PCA are 4 MiB per image).
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# Per keypoint on the wire besides its descriptor: four floats and their field tags.
+_KEYPOINT_BYTES = 24
+# Any image down to 1 px is accepted: under the platform's decode minimum it gets no forward pass and no
+# features, as the reference extractor answers images under 10 px.
+TINY_SIDE = 1
 
 
 # --------------------------------------------------------------------------------------
@@ -320,8 +327,8 @@ class ExtractOptions:
 @dataclass(frozen=True)
 class ExtractParams:
     options: ExtractOptions
-    # (width, height) of each image as decoded (EXIF-upright), in request order (`image_size`).
-    sizes: tuple[tuple[int, int], ...]
+    # How many images the request carries: bounds the size of its answer before any work.
+    images: int
 
 
 def delf_of(card: "ModelCard") -> DelfModel:
@@ -329,6 +336,18 @@ def delf_of(card: "ModelCard") -> DelfModel:
     if model is None:  # the repository only hands out DELF-capable models for this task
         raise InvalidArgument(f"model {card.name!r} cannot extract DELF features")
     return model
+
+
+def check_response_size(model: DelfModel, images: int, options: ExtractOptions) -> None:
+    """Refuse, before any work, a request whose answer could exceed what the server may send."""
+    dim = model.output_dim(options)
+    worst = images * options.max_keypoints * (4 * dim + _KEYPOINT_BYTES)
+    if worst > MAX_RESPONSE_BYTES:
+        raise ResourceExhausted(
+            f"{images} images of up to {options.max_keypoints} keypoints with {dim}-d descriptors could need "
+            f"{worst / 2**20:.0f} MiB, over the {MAX_RESPONSE_BYTES // 2**20} MiB response limit; send fewer images "
+            "per request, lower max_keypoints, or serve the model with a PCA (delf_pca)"
+        )
 
 
 def image_side(model: DelfModel, options: ExtractOptions) -> int:
@@ -466,6 +485,7 @@ class DelfExtraction:
 
     def validate(self, card: "ModelCard", params: ExtractParams) -> ExtractParams:
         model = delf_of(card)
+        check_response_size(model, params.images, params.options)
         side = image_side(model, params.options)
         largest = side * max(params.options.scales)
         if largest > MAX_LEVEL_FACTOR * model.max_image_side:
@@ -476,7 +496,8 @@ class DelfExtraction:
         return params
 
     def views(self, card: "ModelCard", params: ExtractParams) -> ViewSpec:
-        return ViewSpec("full", params.options.scales, max_longer=image_side(delf_of(card), params.options))
+        side = image_side(delf_of(card), params.options)
+        return ViewSpec("full", params.options.scales, max_longer=side, min_side=TINY_SIDE)
 
     def outputs(self, card: "ModelCard", params: ExtractParams) -> tuple[str, ...]:
         model = delf_of(card)
@@ -486,56 +507,13 @@ class DelfExtraction:
         model = delf_of(card)
         maps = outputs.per_image(model.layer.name)
         scores = outputs.per_image(model.attention) if model.attention else [None] * len(maps)
+        dim = model.output_dim(params.options)
         return [
-            extract_image(model, params.options, size, image_maps, image_scores)
-            for size, image_maps, image_scores in zip(params.sizes, maps, scores, strict=True)
+            # No views: an image under the platform's decode minimum (`TINY_SIDE`).
+            extract_image(model, params.options, size, image_maps, image_scores) if image_maps
+            else DelfFeatures.empty(*size, dim)
+            for size, image_maps, image_scores in zip(outputs.sizes, maps, scores, strict=True)
         ]
 
 
 DELF_EXTRACTION = DelfExtraction()
-
-
-# --------------------------------------------------------------------------------------
-# Image sizes before decoding, and images too small for the data plane
-# --------------------------------------------------------------------------------------
-
-# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
-_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
-# A tiny image answered outside the data plane must also be tiny in bytes.
-TINY_MAX_BYTES = 64 * 1024
-
-
-def image_size(content: bytes) -> tuple[int, int] | None:
-    """(width, height) of an encoded image as the data plane will decode it (EXIF orientation applied),
-    read from its header only; None when the header is unreadable (decoding then reports why)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from vision.media.imaging import SUPPORTED_FORMATS
-
-    errors = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-    try:
-        with Image.open(io.BytesIO(content), formats=SUPPORTED_FORMATS) as img:
-            width, height = img.size
-            try:
-                orientation = img.getexif().get(0x0112, 1)
-            except errors:  # unreadable metadata: decoding will not rotate either (or will fail)
-                orientation = 1
-    except errors:
-        return None
-    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
-
-
-def is_tiny(content: bytes, size: tuple[int, int] | None, min_side: int) -> bool:
-    """True for an image under the platform's decode minimum (`min_side`) that DELF answers with no
-    features instead of an error, as the reference does below 10 px."""
-    return size is not None and min(size) < min_side and len(content) <= TINY_MAX_BYTES
-
-
-def check_tiny(content: bytes) -> tuple[int, int]:
-    """Decode a tiny image fully (it is small) so a corrupt one is still INVALID_ARGUMENT; its size."""
-    from vision.media.imaging import DecodeLimits, decode_image
-
-    img = decode_image(content, DecodeLimits(max_bytes=TINY_MAX_BYTES, min_side=1))
-    return img.size
-
-

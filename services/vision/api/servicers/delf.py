@@ -1,11 +1,8 @@
 """vision.v1.Delf: DELF keypoints and descriptors over an image pyramid (vision.tasks.delf), and matching
 with RANSAC verification (vision.tasks.delf_match).
 
-Besides protobuf ⇄ task conversion, one step happens here before the data plane: each image's size is read
-from its header. DELF maps keypoints back to original-image pixels, and the data plane hands a task its
-outputs, not its images' sizes. The same header read finds images under the platform's 8-px decode minimum:
-the reference DELF answers images under 10 px with no features rather than an error, so those (after a
-full decode to reject corrupt ones) get zero keypoints without a forward pass.
+Protobuf ⇄ task conversion only: the data plane decodes (images under its decode minimum too, which get no
+forward pass and zero keypoints), infers and hands the task each image's size.
 """
 
 from __future__ import annotations
@@ -27,8 +24,7 @@ from vision.api.codec import (
 from vision.api.rpc import rpc_method
 from vision.api.servicers.common import model_info
 from vision.core import metrics
-from vision.core.errors import InvalidArgument, InvalidImage, ResourceExhausted
-from vision.media.imaging import DecodeLimits
+from vision.core.errors import InvalidArgument, InvalidImage
 from vision.models.card import ModelCard
 from vision.serving.dataplane import DataPlane
 from vision.tasks.contract import EncodedImage, TaskCall
@@ -38,10 +34,7 @@ from vision.tasks.delf import (
     DelfFeatures,
     ExtractOptions,
     ExtractParams,
-    check_tiny,
     delf_of,
-    image_size,
-    is_tiny,
 )
 from vision.tasks.delf_match import (
     MatchResult,
@@ -50,11 +43,6 @@ from vision.tasks.delf_match import (
 from vision.v1 import common_pb2, delf_pb2, delf_pb2_grpc
 
 SERVICE = "vision.v1.Delf"
-# vision.runners.server sends at most 64 MiB per response; what a request could need is checked before any work
-# (1000 keypoints of 1024-d descriptors without PCA are 4 MiB per image).
-MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-# Per keypoint on the wire besides its descriptor: four floats and their field tags.
-_KEYPOINT_BYTES = 24
 T = TypeVar("T")
 
 
@@ -80,18 +68,6 @@ def _match_response(result: MatchResult, a: DelfFeatures, b: DelfFeatures) -> de
     return response
 
 
-def _check_response_size(card: ModelCard, images: int, options: ExtractOptions) -> None:
-    """Refuse, before any work, a request whose answer could exceed what the server may send."""
-    dim = delf_of(card).output_dim(options)
-    worst = images * options.max_keypoints * (4 * dim + _KEYPOINT_BYTES)
-    if worst > MAX_RESPONSE_BYTES:
-        raise ResourceExhausted(
-            f"{images} images of up to {options.max_keypoints} keypoints with {dim}-d descriptors could need "
-            f"{worst / 2**20:.0f} MiB, over the {MAX_RESPONSE_BYTES // 2**20} MiB response limit; send fewer images "
-            "per request, lower max_keypoints, or serve the model with a PCA (delf_pca)"
-        )
-
-
 # --------------------------------------------------------------------------------------
 # The servicer
 # --------------------------------------------------------------------------------------
@@ -109,47 +85,15 @@ class DelfServicer(delf_pb2_grpc.DelfServicer):
         finish: Callable[[ModelCard, list[DelfFeatures]], T],
     ) -> T:
         """Features of `images` in request order, then `finish(card, features)` in a worker thread."""
-        dataplane = self._dataplane
-        dataplane.check_batch(images)
-        sizes = await asyncio.to_thread(lambda: [image_size(image.content) for image in images])
-        min_side = DecodeLimits().min_side
-        tiny: dict[int, tuple[int, int]] = {}
-        for index, (image, size) in enumerate(zip(images, sizes, strict=True)):
-            if is_tiny(image.content, size, min_side):
-                try:
-                    tiny[index] = await asyncio.to_thread(check_tiny, image.content)
-                except InvalidImage as exc:
-                    raise exc.at(index, image.id) from None
-        rest = [i for i in range(len(images)) if i not in tiny]
 
-        def respond(card: ModelCard, _: object, extracted: list[DelfFeatures]) -> T:
-            features: list[DelfFeatures | None] = [None] * len(images)
-            for index, found in zip(rest, extracted, strict=True):
-                features[index] = found
-            dim = delf_of(card).output_dim(options)
-            for index, (width, height) in tiny.items():
-                features[index] = DelfFeatures.empty(width, height, dim)
+        def respond(card: ModelCard, _: object, features: list[DelfFeatures]) -> T:
             keypoints = metrics.DELF_KEYPOINTS.labels(model=card.name, version=card.version)
             for found in features:
-                keypoints.observe(len(found))  # type: ignore[arg-type]
-            return finish(card, features)  # type: ignore[arg-type]
+                keypoints.observe(len(found))
+            return finish(card, features)
 
-        served = dataplane.repository.get(*model, task=TASK)
-        _check_response_size(served.card, len(rest), options)
-        if not rest:  # only tiny images: no forward pass, but the same model lookup and checks
-            with served.lease():
-                DELF_EXTRACTION.validate(served.card, ExtractParams(options, ()))
-                return await asyncio.to_thread(respond, served.card, None, [])
-        # A size is None only when the header is unreadable; decoding then fails with the reason.
-        params = ExtractParams(options, tuple(sizes[i] or (0, 0) for i in rest))
-        call = TaskCall(model[0], model[1], [images[i] for i in rest], params)
-        try:
-            return await dataplane.execute(DELF_EXTRACTION, call, SERVICE, respond)
-        except InvalidImage as exc:
-            if exc.index is None or not tiny:
-                raise
-            original = rest[exc.index]
-            raise exc.at(original, images[original].id) from None
+        call = TaskCall(model[0], model[1], images, ExtractParams(options, len(images)))
+        return await self._dataplane.execute(DELF_EXTRACTION, call, SERVICE, respond)
 
     @rpc_method(SERVICE, "Extract")
     async def Extract(self, request: delf_pb2.DelfExtractRequest, context: grpc.aio.ServicerContext) -> delf_pb2.DelfExtractResponse:
