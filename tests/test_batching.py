@@ -1,15 +1,17 @@
-"""DynamicBatcher: requests are batched, answers never mix, failures stay with their request."""
+"""DynamicBatcher and the batch plan it shares with the Ray runner: requests are batched, answers never mix,
+failures stay with their request."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
-
-from vision.backends.batching import BatchStats, DynamicBatcher
+from vision.backends.batching import BatchStats, DynamicBatcher, Result, plan_batches, run_plan
 from vision.core.errors import ResourceExhausted, Unavailable
 
 
@@ -208,3 +210,50 @@ async def test_a_batch_asks_for_the_union_of_outputs_and_each_caller_gets_its_ow
     assert set(only_y) == {"y"} and set(only_sum) == {"sum"}
     assert model.asked[1] == ("y", "sum") and model.sizes[1] == 2
     assert only_sum["sum"].tolist() == [24.0]
+
+
+@dataclass
+class Queued:
+    inputs: np.ndarray
+    outputs: tuple[str, ...]
+    enqueued: float
+
+
+async def run_queue(model: RecordingModel, queue: list[Queued]) -> tuple[list[Result | None], list[BatchStats | None]]:
+    """Every plan for `queue` run as the Ray runner's @serve.batch handler runs them."""
+    results: list[Result | None] = [None] * len(queue)
+
+    def deliver(position: int, result: Result) -> None:
+        results[position] = result
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
+        stats = [await run_plan(plan, model, executor, deliver) for plan in plan_batches(queue)]
+    return results, stats
+
+
+async def test_a_plan_runs_one_pass_per_shape_and_gives_each_request_its_own_rows():
+    model = RecordingModel(delay=0)
+    now = time.perf_counter()
+    # Three shapes interleaved, each asked for "y" by some requests and "sum" by others.
+    queue = [Queued(rows(float(i), n=1 + i // 3, side=2 + i % 3), (("y",), ("sum",))[i % 2], now) for i in range(9)]
+    results, stats = await run_queue(model, queue)
+    assert [s[-1] for s in model.shapes] == [2, 3, 4]  # one pass per shape, in order of first appearance
+    assert model.sizes == [6, 6, 6]
+    assert model.asked == [("y", "sum"), ("sum", "y"), ("y", "sum")]  # the union, in first-asked order
+    for item, out in zip(queue, results, strict=True):
+        assert isinstance(out, dict) and set(out) == set(item.outputs)
+        if "y" in out:
+            np.testing.assert_array_equal(out["y"], item.inputs * 2 + 1)
+        if "sum" in out:
+            np.testing.assert_array_equal(out["sum"], item.inputs.reshape(len(item.inputs), -1).sum(axis=1))
+    assert [s.size for s in stats if s is not None] == model.sizes
+
+
+async def test_a_failed_plan_is_rerun_request_by_request():
+    model = RecordingModel(delay=0, fail_on=2.0)
+    queue = [Queued(rows(float(i)), OUT, time.perf_counter()) for i in range(4)]
+    results, stats = await run_queue(model, queue)
+    assert stats == [None]  # only a merged pass that succeeded is reported
+    assert model.sizes == [4, 1, 1, 1, 1]
+    assert [isinstance(r, ValueError) for r in results] == [False, False, True, False]
+    assert all((results[i]["y"] == i * 2 + 1).all() for i in (0, 1, 3))  # type: ignore[index]

@@ -253,7 +253,7 @@ def test_each_service_deployment_serves_and_probes_its_own_service(values):
         grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
         for probe in ("startupProbe", "readinessProbe"):
             assert container[probe]["grpc"] == {"port": grpc_port, "service": grpc_name}, (name, probe)
-        # Liveness: the process, not its models (vision.runners.server.LIVENESS).
+        # Liveness: the process, not its models (vision.runners.hosting.LIVENESS).
         assert container["livenessProbe"]["grpc"] == {"port": grpc_port, "service": "vision.liveness"}
         (svc_port,) = [p for p in svc["spec"]["ports"] if p["name"] == "grpc"]
         assert svc_port["targetPort"] == "grpc" and svc_port["appProtocol"] == "grpc"

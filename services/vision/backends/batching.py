@@ -9,6 +9,10 @@ batches (a queue of mixed crops and full-resolution images still runs batched). 
 for the union of the outputs its requests want, and each request gets back only its own.
 A failed batch is re-run request by request, so one bad request cannot fail its neighbours (the
 Triton python_backend rule: a failure belongs to the request that caused it).
+
+What a batch runs and how its answer goes back (`plan_batches`, `BatchPlan`, `run_plan`) and how a large
+request is cut to the batch size (`chunks`, `joined`) are shared with the Ray runner's `@serve.batch`
+path (vision.runners.ray.batching), so both make the same decisions.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import collections
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -30,6 +35,14 @@ log = logging.getLogger(__name__)
 
 # (inputs, output names) -> those outputs, each with one row per input row.
 RunBatch = Callable[[np.ndarray, tuple[str, ...]], Outputs]
+
+
+class BatchRequest(Protocol):
+    """What a batch is made of: one caller's inputs (N, ...), the outputs it wants, and when it was queued."""
+
+    inputs: np.ndarray
+    outputs: tuple[str, ...]
+    enqueued: float
 
 
 @dataclass
@@ -49,6 +62,117 @@ class BatchStats:
     size: int
     queue_seconds: float
     run_seconds: float
+
+
+# A request's answer, or the error that belongs to it.
+Result = Outputs | Exception
+
+
+def union(names: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
+    """The output names a batch asks for: every name any request wants, once, in first-asked order."""
+    return tuple(dict.fromkeys(name for group in names for name in group))
+
+
+def check_rows(outputs: Outputs, rows: int, wanted: tuple[str, ...]) -> None:
+    """A model must answer every input row; a short answer would silently hand one caller another's rows."""
+    missing = [name for name in wanted if name not in outputs]
+    if missing:
+        raise RuntimeError(f"model did not return the outputs {missing}")
+    for name in wanted:
+        value = outputs[name]
+        if len(value) != rows:
+            raise RuntimeError(f"model output {name!r} has {len(value)} rows for {rows} inputs")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """One forward pass: queued requests of one input shape, run together on the union of their outputs.
+    `positions` are the requests' places in the queue they were planned from, so each answer goes back to
+    its caller."""
+
+    requests: tuple[BatchRequest, ...]
+    positions: tuple[int, ...]
+    outputs: tuple[str, ...]
+
+    @classmethod
+    def of(cls, requests: Sequence[BatchRequest], positions: Sequence[int]) -> BatchPlan:
+        return cls(tuple(requests), tuple(positions), union(r.outputs for r in requests))
+
+    def inputs(self) -> np.ndarray:
+        """The pass's input: the requests' rows, in order (a lone request's without a copy)."""
+        if len(self.requests) == 1:
+            return self.requests[0].inputs
+        return np.concatenate([r.inputs for r in self.requests])
+
+    def split(self, outputs: Outputs) -> list[Outputs]:
+        """Each request's rows of the pass's `outputs`, only the outputs it asked for; RuntimeError when the
+        model did not answer every row."""
+        check_rows(outputs, sum(len(r.inputs) for r in self.requests), self.outputs)
+        parts = []
+        offset = 0
+        for request in self.requests:
+            n = len(request.inputs)
+            parts.append({k: outputs[k][offset : offset + n] for k in request.outputs})
+            offset += n
+        return parts
+
+    def singles(self) -> list[BatchPlan]:
+        """The fallback when the merged pass fails: each request as a pass of its own."""
+        return [BatchPlan.of((r,), (p,)) for r, p in zip(self.requests, self.positions, strict=True)]
+
+
+def plan_batches(requests: Sequence[BatchRequest]) -> list[BatchPlan]:
+    """The forward passes for `requests`: one per input shape (only one shape can share a pass), in the
+    order each shape first appears, the requests in queue order within each."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for position, request in enumerate(requests):
+        groups.setdefault(request.inputs.shape[1:], []).append(position)
+    return [BatchPlan.of([requests[p] for p in positions], positions) for positions in groups.values()]
+
+
+async def run_plan(
+    plan: BatchPlan,
+    forward: RunBatch,
+    executor: concurrent.futures.Executor,
+    deliver: Callable[[int, Result], None],
+    *,
+    withdrawn: Callable[[int], bool] | None = None,
+) -> BatchStats | None:
+    """Run `plan` as one forward pass on `executor` and `deliver` each request's answer by position; the
+    pass's stats, or None when it failed. A failed pass of several requests is re-run request by request
+    (skipping the `withdrawn`), so the error reaches only the requests that cause it; each is delivered as
+    soon as its own pass ends."""
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    inputs = plan.inputs()
+    try:
+        outputs = await loop.run_in_executor(executor, forward, inputs, plan.outputs)
+        parts = plan.split(outputs)
+    except Exception as exc:
+        if len(plan.requests) == 1:
+            deliver(plan.positions[0], exc)
+        else:
+            for single in plan.singles():
+                if withdrawn is None or not withdrawn(single.positions[0]):
+                    await run_plan(single, forward, executor, deliver)
+        return None
+    finished = time.perf_counter()
+    for position, part in zip(plan.positions, parts, strict=True):
+        deliver(position, part)
+    return BatchStats(len(inputs), started - min(r.enqueued for r in plan.requests), finished - started)
+
+
+def chunks(inputs: np.ndarray, size: int) -> list[np.ndarray]:
+    """`inputs` cut into pieces of at most `size` rows, in order (views, no copies): how a request larger
+    than the batch is run."""
+    return [inputs[i : i + size] for i in range(0, len(inputs), size)]
+
+
+def joined(parts: Sequence[Outputs]) -> Outputs:
+    """The answers to consecutive `chunks` as one answer (a single chunk's as it is)."""
+    if len(parts) == 1:
+        return parts[0]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
 class DynamicBatcher:
@@ -122,8 +246,9 @@ class DynamicBatcher:
             raise Unavailable("the inference worker has stopped; see the server log")
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        chunks = [inputs[i : i + self._max_batch] for i in range(0, n, self._max_batch)]
-        pendings = [_Pending(chunk, outputs, loop.create_future(), now) for chunk in chunks]
+        pendings = [
+            _Pending(chunk, outputs, loop.create_future(), now) for chunk in chunks(inputs, self._max_batch)
+        ]
         # Admitted whole (the queue limit counts every image now), but queued one chunk at a time: the next
         # chunk joins the queue behind whatever arrived meanwhile, so a 1-image request waits for at most one
         # chunk of a 64-image request instead of all four (measured: a Classify's max latency with 64-image
@@ -146,9 +271,7 @@ class DynamicBatcher:
                 self._uncount(pending)
             self._report_depth()
             raise
-        if len(results) == 1:
-            return results[0]
-        return {key: np.concatenate([r[key] for r in results]) for key in results[0]}
+        return joined(results)
 
     def alive(self) -> bool:
         """False once the worker task has ended (it only ends on close, or on a bug it logged)."""
@@ -235,55 +358,20 @@ class DynamicBatcher:
                 self._running = []
 
     async def _run(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
-        wanted = _union(p.outputs for p in batch)
-        try:
-            outputs = await loop.run_in_executor(self._executor, self._run_batch, inputs, wanted)
-            _check_rows(outputs, len(inputs), wanted)
-        except Exception as exc:
-            if len(batch) == 1:
-                _resolve(batch[0].future, exc=exc)
+        def deliver(position: int, result: Result) -> None:
+            future = batch[position].future
+            if isinstance(result, Exception):
+                _resolve(future, exc=result)
             else:
-                await self._run_individually(batch)
-            return
-        finished = time.perf_counter()
-        offset = 0
-        for pending in batch:
-            n = len(pending.inputs)
-            _resolve(pending.future, {k: outputs[k][offset : offset + n] for k in pending.outputs})
-            offset += n
-        if self._on_batch is not None:
-            self._on_batch(BatchStats(len(inputs), started - min(p.enqueued for p in batch), finished - started))
+                _resolve(future, result)
 
-    async def _run_individually(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
-        for pending in batch:
-            if pending.future.done():
-                continue
-            try:
-                result = await loop.run_in_executor(self._executor, self._run_batch, pending.inputs, pending.outputs)
-                _check_rows(result, len(pending.inputs), pending.outputs)
-            except Exception as exc:
-                _resolve(pending.future, exc=exc)
-            else:
-                _resolve(pending.future, result)
-
-
-def _union(names: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(name for group in names for name in group))
-
-
-def _check_rows(outputs: Outputs, rows: int, wanted: tuple[str, ...]) -> None:
-    """A model must answer every input row; a short answer would silently hand one caller another's rows."""
-    missing = [name for name in wanted if name not in outputs]
-    if missing:
-        raise RuntimeError(f"model did not return the outputs {missing}")
-    for name in wanted:
-        value = outputs[name]
-        if len(value) != rows:
-            raise RuntimeError(f"model output {name!r} has {len(value)} rows for {rows} inputs")
+        # One plan: the batch was formed of one input shape (_take_same_shape).
+        plan = BatchPlan.of(batch, range(len(batch)))
+        stats = await run_plan(
+            plan, self._run_batch, self._executor, deliver, withdrawn=lambda position: batch[position].future.done()
+        )
+        if stats is not None and self._on_batch is not None:
+            self._on_batch(stats)
 
 
 def _resolve(future: asyncio.Future[Outputs], result: Outputs | None = None, exc: BaseException | None = None) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from vision.backends.base import InferenceBackend, Outputs, request_deadline
-from vision.backends.batching import BatchStats
+from vision.backends.batching import BatchStats, chunks, joined
 from vision.core.errors import (
     ConfigurationError,
     DeadlineExceeded,
@@ -305,10 +305,8 @@ class TritonBackend(InferenceBackend):
         if len(batch) <= step:
             return await self._infer_chunk(batch, outputs)
         # Sent concurrently: Triton's dynamic batcher schedules the chunks as it sees fit.
-        parts = await asyncio.gather(
-            *(self._infer_chunk(batch[i : i + step], outputs) for i in range(0, len(batch), step))
-        )
-        return {name: np.concatenate([p[name] for p in parts]) for name in outputs}
+        parts = await asyncio.gather(*(self._infer_chunk(chunk, outputs) for chunk in chunks(batch, step)))
+        return joined(parts)
 
     async def _infer_chunk(self, batch: np.ndarray, outputs: tuple[str, ...]) -> Outputs:
         import tritonclient.grpc.aio as triton_grpc

@@ -19,7 +19,7 @@ from vision.core.errors import ConfigurationError
 _CPUS = available_cpus()
 
 Backend = Literal["onnxruntime", "torch", "triton"]
-# Every gRPC service `vision serve` can host (vision.runners.server.SERVICES has one entry for each).
+# Every gRPC service `vision serve` can host (vision.runners.hosting.SERVICES has one entry for each).
 ServiceName = Literal["classification", "tagging", "features", "delf", "jobs"]
 SERVICE_NAMES: tuple[str, ...] = get_args(ServiceName)
 # Hosted when --services is not given: the model services. Jobs needs Redis and is asked for by name

@@ -2,11 +2,11 @@
 
 The in-process runner batches in `vision.backends.batching.DynamicBatcher`; under Ray the same job is done
 by Ray Serve's batcher, with `--max-batch-size` (counted in images, through `batch_size_fn`) and
-`--max-wait-ms` (its `batch_wait_timeout_s`). What our batcher does beyond that is kept here: requests of
-different input shapes are run as separate forward passes, a request larger than the batch is split, a
-batch asks for the union of the outputs its requests want, a failed batch is re-run request by request (one
-bad request cannot fail its neighbours), and the batch-size, queue and inference metrics are recorded under
-the same names.
+`--max-wait-ms` (its `batch_wait_timeout_s`). What our batcher does beyond that comes from the same plan
+(vision.backends.batching: `plan_batches`, `run_plan`, `chunks`): requests of different input shapes are
+run as separate forward passes, a request larger than the batch is split, a batch asks for the union of the
+outputs its requests want, a failed batch is re-run request by request (one bad request cannot fail its
+neighbours), and the batch-size, queue and inference metrics are recorded under the same names.
 
 `EngineBatcher` runs in whichever replica holds the engine: the ingress (fused topology) or the inference
 deployment (split). `BatchedEngineBackend` and `RemoteEngineBackend` are the two `InferenceBackend`s the
@@ -26,7 +26,7 @@ import numpy as np
 from ray import serve
 
 from vision.backends.base import LOGITS, InferenceBackend, Outputs
-from vision.backends.batching import RunBatch, _check_rows, _union
+from vision.backends.batching import Result, RunBatch, chunks, joined, plan_batches, run_plan
 from vision.core import metrics
 
 
@@ -81,67 +81,38 @@ class EngineBatcher:
     async def infer(self, inputs: np.ndarray, outputs: tuple[str, ...] = (LOGITS,)) -> Outputs:
         """`inputs` (N, ...) through the model, batched with other callers' inputs of the same shape; N may
         exceed the max batch size (it is split into chunks queued one after another)."""
-        step = self.max_batch_size
         results = []
-        for start in range(0, len(inputs), step):
+        for chunk in chunks(inputs, self.max_batch_size):
             enqueued = time.perf_counter()
             await self._engine_free.wait()
-            result = await self._batched(BatchItem(inputs[start : start + step], outputs, enqueued))
+            result = await self._batched(BatchItem(chunk, outputs, enqueued))
             if isinstance(result, BaseException):
                 raise result
             results.append(result)
-        if len(results) == 1:
-            return results[0]
-        return {key: np.concatenate([r[key] for r in results]) for key in results[0]}
+        return joined(results)
 
-    async def _run(self, items: list[BatchItem]) -> list[Outputs | BaseException]:
+    async def _run(self, items: list[BatchItem]) -> list[Result]:
         """@serve.batch's handler: one forward pass per input shape, results in item order; a failure
         belongs to the items that cause it."""
         self._engine_free.clear()
         try:
-            return await self._run_groups(items)
+            return await self._run_plans(items)
         finally:
             self._engine_free.set()
 
-    async def _run_groups(self, items: list[BatchItem]) -> list[Outputs | BaseException]:
-        results: list[Outputs | BaseException | None] = [None] * len(items)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for index, item in enumerate(items):
-            groups.setdefault(item.inputs.shape[1:], []).append(index)
-        loop = asyncio.get_running_loop()
-        for indices in groups.values():
-            group = [items[i] for i in indices]
-            inputs = group[0].inputs if len(group) == 1 else np.concatenate([g.inputs for g in group])
-            wanted = _union(g.outputs for g in group)
-            started = time.perf_counter()
-            try:
-                out = await loop.run_in_executor(self._executor, self._forward, inputs, wanted)
-                _check_rows(out, len(inputs), wanted)
-            except Exception as exc:
-                if len(group) == 1:
-                    results[indices[0]] = exc
-                    continue
-                for i in indices:  # re-run one by one: only the bad request fails
-                    results[i] = await self._run_one(items[i])
-                continue
-            finished = time.perf_counter()
-            self._batch_size.observe(len(inputs))
-            self._queue.observe(started - min(g.enqueued for g in group))
-            self._inference.observe(finished - started)
-            offset = 0
-            for i, item in zip(indices, group, strict=True):
-                n = len(item.inputs)
-                results[i] = {k: out[k][offset : offset + n] for k in item.outputs}
-                offset += n
-        return results  # type: ignore[return-value]
+    async def _run_plans(self, items: list[BatchItem]) -> list[Result]:
+        results: list[Result | None] = [None] * len(items)
 
-    async def _run_one(self, item: BatchItem) -> Outputs | BaseException:
-        try:
-            out = await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, item.inputs, item.outputs)
-            _check_rows(out, len(item.inputs), item.outputs)
-            return out
-        except Exception as exc:
-            return exc
+        def deliver(position: int, result: Result) -> None:
+            results[position] = result
+
+        for plan in plan_batches(items):
+            stats = await run_plan(plan, self._forward, self._executor, deliver)
+            if stats is not None:
+                self._batch_size.observe(stats.size)
+                self._queue.observe(stats.queue_seconds)
+                self._inference.observe(stats.run_seconds)
+        return results  # type: ignore[return-value]  # run_plan delivers to every position
 
 
 class BatchedEngineBackend(InferenceBackend):
@@ -177,12 +148,7 @@ class RemoteEngineBackend(InferenceBackend):
     async def infer(self, batch: np.ndarray, outputs: tuple[str, ...] = (LOGITS,)) -> Outputs:
         # One chunk at a time, like the in-process batcher: a small request arriving meanwhile waits for one
         # chunk of a large one, not for all of them.
-        results = [
-            await self._handle.infer.remote(batch[i : i + self._step], outputs) for i in range(0, len(batch), self._step)
-        ]
-        if len(results) == 1:
-            return results[0]
-        return {key: np.concatenate([r[key] for r in results]) for key in results[0]}
+        return joined([await self._handle.infer.remote(chunk, outputs) for chunk in chunks(batch, self._step)])
 
     def is_ready(self) -> bool:
         return True

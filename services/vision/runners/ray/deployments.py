@@ -1,11 +1,11 @@
 """The Ray Serve deployments: the same servicers, data plane and task modules as `vision serve`.
 
 `VisionIngress` is what Ray's gRPC proxy calls. Each replica builds the hosted servicers over its own
-`DataPlane` and model set, exactly as `vision.runners.server.serve` does (one entry per service in
-`vision.runners.server.SERVICES`), and exposes every RPC as a method named `ray_method_name(service, method)`
-(see `vision.runners.ray.grpc_services` for why the service is in the name). Errors keep their status codes: the
-servicers' `@rpc_method` maps them as always, and `RayContext.abort` hands the code and message to Ray's
-proxy through the replica's gRPC context.
+`DataPlane` and model set with `vision.runners.hosting.host`, exactly as `vision.runners.server.serve` does
+(one entry per service in `vision.runners.hosting.SERVICES`), and exposes every RPC as a method named
+`ray_method_name(service, method)` (see `vision.runners.ray.grpc_services` for why the service is in the
+name). Errors keep their status codes: the servicers' `@rpc_method` maps them as always, and
+`RayContext.abort` hands the code and message to Ray's proxy through the replica's gRPC context.
 
 Engines: fused topology, each ingress replica runs the model itself behind `@serve.batch`
 (vision.runners.ray.batching); split topology, `VisionInference` (one deployment per model) does, and the ingress
@@ -28,13 +28,11 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 
 from vision.config.settings import ModelConfig, ServeSettings
-from vision.media.imaging import DecodeLimits
 from vision.models.card import ModelCard
+from vision.runners.hosting import SWITCH_INTERVAL_S, host, hosted_services
 from vision.runners.ray import metrics as ray_metrics
 from vision.runners.ray.batching import BatchedEngineBackend, EngineBatcher, RemoteEngineBackend
 from vision.runners.ray.grpc_services import HEALTH, carried, ray_method_name, rpc_methods
-from vision.runners.server import SERVICES, SWITCH_INTERVAL_S, _health_state
-from vision.serving.dataplane import DataPlane
 from vision.serving.loading import build_backend, model_card
 from vision.serving.repository import ModelRepository, ServedModel
 
@@ -112,7 +110,7 @@ class VisionIngress:
     """Every hosted gRPC service (and grpc.health.v1), plus GET /metrics and /healthz over Serve's HTTP proxy."""
 
     async def __init__(self, settings: dict[str, Any], inference: dict[str, Any] | None = None) -> None:
-        sys.setswitchinterval(SWITCH_INTERVAL_S)  # see vision.runners.server: the event loop shares the GIL with decoding
+        sys.setswitchinterval(SWITCH_INTERVAL_S)  # see vision.runners.hosting: the event loop shares the GIL with decoding
         self._settings = config = ServeSettings(**settings)
         served = []
         for model in config.models:
@@ -126,20 +124,12 @@ class VisionIngress:
             served.append(ServedModel(card, backend))
         self._repository = ModelRepository(served)
         await self._repository.start()
-        self._dataplane = DataPlane(
-            self._repository,
-            limits=DecodeLimits(config.max_image_bytes, config.max_image_pixels),
-            max_images_per_request=config.max_images_per_request,
-            decode_workers=config.decode_workers,
-        )
-        self._hosted = tuple(svc for svc in SERVICES if svc.name in carried(list(config.services)))
         capture = _MethodCapture()
-        for svc in self._hosted:
-            svc.add_to_server(self._dataplane, capture, config)  # type: ignore[arg-type]
+        self._hosting = host(self._repository, config, capture, hosted_services(carried(list(config.services))))
         self._methods = capture.methods
         self._replica = replica_name()
         self._pusher = asyncio.get_running_loop().create_task(ray_metrics.push_forever(self._replica))
-        log.info("replica %s serving %s", self._replica, ", ".join(svc.full_name for svc in self._hosted))
+        log.info("replica %s serving %s", self._replica, ", ".join(svc.full_name for svc in self._hosting.services))
 
     def _engines(self) -> list[BatchedEngineBackend]:
         return [m.backend for m in self._repository if isinstance(m.backend, BatchedEngineBackend)]
@@ -163,7 +153,7 @@ class VisionIngress:
         return await handler.unary_unary(request, context)  # type: ignore[union-attr]
 
     def _health(self, service: str) -> int | None:
-        return _health_state(self._repository, self._hosted).get(service)
+        return self._hosting.health().get(service)
 
     async def HealthCheck(self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None) -> health_pb2.HealthCheckResponse:
         status = self._health(request.service)
@@ -173,7 +163,7 @@ class VisionIngress:
 
     async def HealthList(self, request: Any, grpc_context: Any = None) -> Any:
         response = health_pb2.HealthListResponse()
-        for name, status in _health_state(self._repository, self._hosted).items():
+        for name, status in self._hosting.health().items():
             response.statuses[name].status = status
         return response
 
@@ -209,7 +199,7 @@ class VisionIngress:
         except Exception:  # Ray itself may be going away
             pass
         await self._repository.close()
-        self._dataplane.close()
+        self._hosting.close()
 
 
 class VisionInference:
@@ -264,7 +254,7 @@ def _rpc(service: str, method: str) -> Callable[..., Any]:
     return call
 
 
-# One method per RPC of every service vision.runners.server can host (Ray's proxy routes only the hosted ones);
+# One method per RPC of every service vision.runners.hosting can host (Ray's proxy routes only the hosted ones);
 # grpc.health.v1's are written out above.
 for _service, _method in rpc_methods():
     if _service != HEALTH:

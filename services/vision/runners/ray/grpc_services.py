@@ -127,6 +127,6 @@ def servicer_functions(services: list[str]) -> list[str]:
 
 
 def carried(services: list[str]) -> list[str]:
-    """The `--services` names Ray's proxy can carry (a service added to vision.runners.server later needs an entry in
-    GENERATED and an `add_<name>` here first)."""
+    """The `--services` names Ray's proxy can carry (a service added to vision.runners.hosting later needs an
+    entry in GENERATED and an `add_<name>` here first)."""
     return [name for name in services if name in GENERATED and name != "health"]
