@@ -271,3 +271,66 @@ def test_cli_help_explains_the_commands():
         and "--queues" in worker
         and "VISION_DOWNLOAD_ALLOW_PRIVATE_ADDRESSES" in worker
     )
+
+
+# -- the job lease (vision.jobs.runtime.Lease) against the real Redis
+
+
+@pytest.fixture
+def lease_key(redis_url, namespace):  # noqa: F811 (the fixtures imported above)
+    import redis
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    key = f"{namespace}:job:{time.monotonic_ns()}:lease"
+    yield client, key
+    client.delete(key)
+
+
+def test_a_lease_admits_one_runner_until_it_is_released(lease_key):
+    from vision.jobs.runtime import Lease
+
+    client, key = lease_key
+    first, second = Lease(client, key), Lease(client, key)
+    assert first.acquire()
+    assert client.get(key) == first.token and first.token.startswith(f"{socket.gethostname()}:")
+    assert not second.acquire(), "a second delivery waits while the runner is alive"
+    first.release()
+    assert second.acquire()
+    second.release()
+    assert client.get(key) is None
+
+
+def test_a_lease_held_by_a_dead_process_of_this_host_is_taken_over_at_once(lease_key):
+    from vision.jobs.runtime import Lease
+
+    client, key = lease_key
+    with subprocess.Popen(["sleep", "60"]) as alive:
+        try:
+            client.set(key, f"{socket.gethostname()}:{alive.pid}:cafe", px=60_000)
+            assert not Lease(client, key).acquire(), "a live holder keeps its lease"
+        finally:
+            alive.kill()
+    client.set(key, f"{socket.gethostname()}:{alive.pid}:cafe", px=60_000)  # now reaped: the pid is gone
+    taker = Lease(client, key)
+    assert taker.acquire()
+    assert client.get(key) == taker.token
+    taker.release()
+    # A holder on another host is only known dead when its lease expires.
+    client.set(key, "elsewhere:1:cafe", px=60_000)
+    assert not Lease(client, key).acquire()
+
+
+def test_a_lease_is_renewed_while_held_and_lost_once_taken_over(lease_key):
+    from vision.jobs.runtime import Lease
+
+    client, key = lease_key
+    lease = Lease(client, key, ttl_s=0.3)
+    assert lease.acquire()
+    try:
+        time.sleep(1.0)  # over three TTLs: only renewal keeps it
+        assert client.get(key) == lease.token and not lease.lost.is_set()
+        client.set(key, "elsewhere:1:cafe", px=60_000)  # another runner took it over after a stall
+        assert lease.lost.wait(10), "the renewal noticed"
+    finally:
+        lease.release()
+    assert client.get(key) == "elsewhere:1:cafe", "release leaves another runner's lease alone"

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vision.core import files
 from vision.jobs.runtime import JobFailed, TransientError
 
 if TYPE_CHECKING:
@@ -113,14 +113,12 @@ def pick_device(wanted: str) -> "torch.device":
 
 
 def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save `obj` to `path` atomically: a crash mid-save leaves the previous checkpoint whole."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with files.atomic_write(path) as fh:
+        torch.save(obj, fh)
 
 
 def start_mlflow_run(store: Any, run: "JobRun", task: str, params: dict[str, Any]) -> str:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vision.core import metrics
+from vision.core import files, metrics
 from vision.jobs.fetch import FetchError, FetchPolicy, fetch, networks_text, sniff
 
 if TYPE_CHECKING:
@@ -135,27 +135,12 @@ class Journal:
             os.fsync(fh.fileno())
 
 
-def atomic_write(path: Path, data: bytes, incoming: Path) -> None:
-    """Write `data` to `path` through a temporary file in `incoming` (same filesystem), fsync, rename."""
+def atomic_write(path: Path, data: bytes, incoming: Path, *, sync_dir: bool = True) -> None:
+    """Write `data` to `path` through a temporary file in `incoming` (same filesystem, cleared by a rerun)."""
     incoming.mkdir(parents=True, exist_ok=True)
-    tmp = incoming / f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
     path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with files.atomic_write(path, tmp_dir=incoming, sync_dir=sync_dir) as fh:
+        fh.write(data)
 
 
 def download(
@@ -218,7 +203,9 @@ def download(
             name = f"{IMAGES_DIR}/{digest[:2]}/{digest}.{ext}"
             path = out / name
             if not path.is_file():
-                atomic_write(path, data, incoming)
+                # No directory fsync per image: a rename lost in a crash only makes the rerun, which checks
+                # every journaled image is on disk, fetch that image again.
+                atomic_write(path, data, incoming, sync_dir=False)
             record.update(
                 ok=True,
                 name=name,
@@ -347,7 +334,6 @@ def finish(
     )
     atomic_write(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode(), incoming)
     shutil.rmtree(incoming, ignore_errors=True)
-    _fsync_dir(out)
     return summary
 
 

@@ -1,6 +1,7 @@
 """What a running job uses on a worker: a lease (one runner per job), progress, cancel checks.
 
-- **Lease.** `<ns>:job:<id>:lease` holds `host:pid:token` with a 30 s TTL that a thread renews every 10 s.
+- **Lease.** a redis-py Lock on `<ns>:job:<id>:lease`, its token `host:pid:random`, with a 30 s TTL that a
+  thread renews every 10 s.
   A second delivery of a job whose runner is alive (the visibility timeout passed while it ran) waits for
   the lease instead of running the job twice; a runner whose process died on this host is detected at
   once (its pid is gone), one on another host when its lease expires.
@@ -46,10 +47,6 @@ class TransientError(Exception):
     """Worth retrying after a backoff: the registry, Redis or a network share is briefly unavailable."""
 
 
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
-_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -61,37 +58,69 @@ def _alive(pid: int) -> bool:
 
 
 class Lease:
+    """One runner per job: a `redis.lock.Lock` on `key` whose token names its holder (`host:pid:random`),
+    renewed by a thread while the job runs. Beyond the Lock: a holder that died on this host is taken over
+    at once (its pid is gone), and `lost` is set when a renewal finds the lock taken over (job code checks
+    it between batches through `JobRun.check_cancel`)."""
+
     def __init__(self, client: "redis.Redis", key: str, ttl_s: float = LEASE_TTL_S) -> None:
+        from redis.lock import Lock
+
         self.client = client
         self.key = key
-        self.ttl_ms = int(ttl_s * 1000)
+        self.ttl_s = ttl_s
         self.host = socket.gethostname()
         self.token = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lost = threading.Event()
+        # Not thread-local: the renewal thread extends the lock the job's thread took.
+        self._lock = Lock(client, key, timeout=ttl_s, thread_local=False)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> bool:
-        if self.client.set(self.key, self.token, nx=True, px=self.ttl_ms):
+        """Take the lease without waiting; False while another live runner holds it."""
+        if self._lock.acquire(blocking=False, token=self.token) or (
+            self._take_over_dead_holder() and self._lock.acquire(blocking=False, token=self.token)
+        ):
             self._start()
             return True
-        holder = self.client.get(self.key) or ""
-        host, _, rest = holder.partition(":")
-        pid = rest.partition(":")[0]
-        if host == self.host and pid.isdigit() and not _alive(int(pid)):
-            log.warning("job lease %s: its holder (pid %s on this host) is gone; taking over", self.key, pid)
-            self.client.eval(_RELEASE, 1, self.key, holder)
-            return self.acquire()
         return False
 
+    def _take_over_dead_holder(self) -> bool:
+        """Free the lease if its holder is a process of this host that is gone; True if it was freed."""
+        from redis.exceptions import LockNotOwnedError
+        from redis.lock import Lock
+
+        holder = self.client.get(self.key) or ""
+        if isinstance(holder, bytes):
+            holder = holder.decode(errors="replace")
+        host, _, rest = holder.partition(":")
+        pid = rest.partition(":")[0]
+        if host != self.host or not pid.isdigit() or _alive(int(pid)):
+            return False
+        log.warning("job lease %s: its holder (pid %s on this host) is gone; taking over", self.key, pid)
+        try:
+            # Deletes the key only while it still holds the dead runner's token.
+            Lock(self.client, self.key, thread_local=False).do_release(holder)
+        except LockNotOwnedError:
+            pass  # it expired, or another runner freed it first: the acquire that follows decides
+        return True
+
     def _start(self) -> None:
+        from redis.exceptions import LockError, LockNotOwnedError
+
         def renew() -> None:
-            while not self._stop.wait(self.ttl_ms / 3000):
+            while not self._stop.wait(self.ttl_s / 3):
                 try:
-                    if not self.client.eval(_RENEW, 1, self.key, self.token, self.ttl_ms):
-                        log.error("job lease %s was lost (taken over after a stall?)", self.key)
-                        self.lost.set()
+                    self._lock.reacquire()
+                except LockNotOwnedError:
+                    if self._stop.is_set():  # released while this renewal was on its way
                         return
+                    log.error("job lease %s was lost (taken over after a stall?)", self.key)
+                    self.lost.set()
+                    return
+                except LockError:  # released meanwhile
+                    return
                 except Exception as exc:  # Redis briefly away: keep trying until the TTL would pass
                     log.warning("renewing job lease %s failed: %s", self.key, exc)
 
@@ -99,10 +128,11 @@ class Lease:
         self._thread.start()
 
     def release(self) -> None:
+        """Give the lease up (a lease already lost or expired, or Redis away, is left to expire by itself)."""
         self._stop.set()
         try:
-            self.client.eval(_RELEASE, 1, self.key, self.token)
-        except Exception:  # expires by itself
+            self._lock.release()
+        except Exception:
             pass
 
 

@@ -30,6 +30,7 @@ scores into scores for ancestor concepts; they are pure numpy.
 
 from __future__ import annotations
 
+import graphlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -90,23 +91,16 @@ class HierarchyTag:
 
 
 def _find_cycle(parents: Sequence[int | None]) -> list[int] | None:
-    """Return the indices of one parent cycle (in parent order), or None if there is none.
-
-    Walks each chain once with a three-colour marking so the whole check is O(N)
-    whatever order the labels were listed in.
-    """
-    state = [0] * len(parents)  # 0 unseen, 1 on the current walk, 2 known to reach a root
-    for start in range(len(parents)):
-        path: list[int] = []
-        node: int | None = start
-        while node is not None and state[node] == 0:
-            state[node] = 1
-            path.append(node)
-            node = parents[node]
-        if node is not None and state[node] == 1:
-            return path[path.index(node) :]
-        for visited in path:
-            state[visited] = 2
+    """Return the indices of one parent cycle (in parent order, from its lowest index), or None if there is
+    none."""
+    graph = {child: () if parent is None else (parent,) for child, parent in enumerate(parents)}
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as exc:
+        # graphlib lists the cycle parent before child, first node repeated at the end.
+        cycle = exc.args[1][-1:0:-1]
+        start = cycle.index(min(cycle))
+        return cycle[start:] + cycle[:start]
     return None
 
 

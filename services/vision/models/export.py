@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from vision.core import files
 from vision.core.errors import ConfigurationError
 from vision.models.signature import Signature
 
@@ -65,10 +64,8 @@ def export_onnx(module: "object", path: Path, *, signature: Signature) -> Export
         dynamic_axes[name] = {0: "batch", **(spatial if signature.is_map(name) else {})}
     dummy = torch.zeros(1, 3, crop, crop)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    # The graph replaces `path` only once it has passed the parity check below.
+    with files.atomic_path(path) as tmp:
         with torch.inference_mode(), warnings.catch_warnings():
             # The TorchScript exporter is deprecated in favour of dynamo; it is the one that handles every
             # registry model today, so its deprecation notice is expected.
@@ -102,8 +99,5 @@ def export_onnx(module: "object", path: Path, *, signature: Signature) -> Export
                 f"ONNX export of {type(module).__name__} differs from torch by {diff:.2e} (> {PARITY_TOLERANCE}); "
                 "serve it with backend=torch"
             )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("exported %s to %s (max abs diff to torch %.1e)", type(module).__name__, path, diff)
     return ExportedModel(path, INPUT_NAME, output_names, diff)

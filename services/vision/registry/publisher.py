@@ -29,7 +29,6 @@ import asyncio
 import concurrent.futures
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import replace
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from vision.config.uri import ModelUri, parse_model_uri
 from vision.core import metrics
 from vision.core.errors import ConfigurationError, NotFound
+from vision.core.files import atomic_write
 from vision.registry.golden import GateFailed, Golden, gate
 from vision.registry.package import ONNX, ArtifactCorrupted, Package, serving_config
 from vision.serving.status import RegistryStatus
@@ -222,9 +222,10 @@ class Follower:
         path = self._last_served_path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            staged = path.with_suffix(".tmp")
-            staged.write_text(json.dumps({"uri": str(self.uri), "version": version, "files": files}))
-            os.replace(staged, path)
+            # No fsync: this runs on the event loop that serves requests, and a record lost to a power cut
+            # only means a start-up without the registry falls back to the one before (its files are checked).
+            with atomic_write(path, "w", fsync=False) as fh:
+                fh.write(json.dumps({"uri": str(self.uri), "version": version, "files": files}))
         except OSError as exc:  # a read-only cache only loses the fallback
             log.warning("registry: cannot record the served version under %s: %s", path.parent, exc)
 

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import tempfile
 import time
 import uuid
@@ -37,6 +36,7 @@ from vision.config.uri import (
     default_registry_uri,
     redact,
 )
+from vision.core import files
 from vision.core.errors import ConfigurationError, NotFound
 from vision.registry import package as pkg
 
@@ -419,19 +419,19 @@ class RegistryStore:
             with contextlib.suppress(pkg.ArtifactCorrupted):
                 return pkg.load(dest, expected)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-        try:
+        # No fsync: this is a cache whose every reuse is checked against the sha256 tags above, so a tree torn
+        # by a crash is downloaded again; fsyncing hundreds of MB would only delay a server's start.
+        with (
+            tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=dest.parent) as staging,
+            files.atomic_path(dest, fsync=False) as staged,
+        ):
             try:
-                got = Path(download_artifacts(artifact_uri=info.source, dst_path=str(staging)))
+                got = Path(download_artifacts(artifact_uri=info.source, dst_path=staging))
             except Exception as exc:
                 raise RegistryError(f"model {name!r} version {info.version}: cannot download {info.source}: {_message(exc)}") from None
             package = pkg.load(got, expected)  # raises ArtifactCorrupted
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(got, dest)
-            return dataclasses.replace(package, root=dest)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            os.rename(got, staged)  # MLflow names the tree it downloads; it replaces `dest` as a whole
+        return dataclasses.replace(package, root=dest)
 
 
 class _AlreadyExists(Exception):

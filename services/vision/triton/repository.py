@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from vision.core import files
 from vision.core.files import sha256_file
 
 if TYPE_CHECKING:
@@ -455,8 +456,8 @@ def retire_version(
     config = read_config(model_dir)
     config.version_policy.specific.versions[:] = remaining
     with _stage(staging_root, f"{name}-retire-{version}-") as stage:
-        _write(stage / CONFIG, config_text(config, f"written by vision.triton.repository; version {version} retired"))
-        _replace(stage / CONFIG, model_dir / CONFIG)
+        with files.atomic_write(model_dir / CONFIG, "w", tmp_dir=stage) as fh:
+            fh.write(config_text(config, f"written by vision.triton.repository; version {version} retired"))
     if admin is not None:
         admin.load_model(name)
         admin.wait_for_model(name, version, ready=False, timeout=timeout_s)
@@ -471,8 +472,8 @@ def _retire_files(
     config = read_config(model_dir)
     config.version_policy.specific.versions[:] = sorted(keep)
     with _stage(staging_root, f"{name}-rollback-{version}-") as stage:
-        _write(stage / CONFIG, config_text(config, f"written by vision.triton.repository; {comment}"))
-        _replace(stage / CONFIG, model_dir / CONFIG)
+        with files.atomic_write(model_dir / CONFIG, "w", tmp_dir=stage) as fh:
+            fh.write(config_text(config, f"written by vision.triton.repository; {comment}"))
     _remove_version_dir(model_dir, version, staging_root)
 
 
@@ -483,7 +484,7 @@ def _remove_version_dir(model_dir: Path, version: int, staging_root: Path) -> No
     # Renamed out first: Triton never sees a half-deleted version, and a crash leaves only staging debris.
     graveyard = Path(tempfile.mkdtemp(prefix=f"{model_dir.name}-{version}-retired-", dir=staging_root))
     os.rename(folder, graveyard / str(version))
-    _fsync_dir(model_dir)
+    files.fsync_dir(model_dir)
     shutil.rmtree(graveyard, ignore_errors=True)
 
 
@@ -532,31 +533,26 @@ def _publish(
         if config.backend == "python":
             _copy(PYTHON_MODEL, vdir / "model.py")
         _write(stage / CONFIG, config_text(config, comment))
-        _fsync_dir(vdir)
-        _fsync_dir(stage)
+        files.fsync_dir(vdir)
+        files.fsync_dir(stage)
         target = repository / name
         if not target.exists():
             try:
+                # Not files.replace: a model someone else created meanwhile is added to, never replaced.
                 os.rename(stage, target)  # the whole model appears at once
-                _fsync_dir(repository)
+                files.fsync_dir(repository)
                 return target
             except OSError as exc:
                 if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise
                 # Someone created it meanwhile: add our version to theirs below.
         vtarget = target / str(version)
-        if vtarget.exists():
-            if not overwrite:
-                raise FileExistsError(f"{vtarget} exists; versions are immutable (overwrite=True replaces it)")
-            os.rename(vtarget, stage / f"replaced-{version}")
-        os.rename(vdir, vtarget)  # the version appears at once ...
-        _replace(stage / CONFIG, target / CONFIG)  # ... then the config that serves it
+        if vtarget.exists() and not overwrite:
+            raise FileExistsError(f"{vtarget} exists; versions are immutable (overwrite=True replaces it)")
+        # The replaced version, if any, is moved aside into the stage (outside the repository) and deleted.
+        files.replace(vdir, vtarget)  # the version appears at once ...
+        files.replace(stage / CONFIG, target / CONFIG)  # ... then the config that serves it
         return target
-
-
-def _replace(src: Path, dst: Path) -> None:
-    os.replace(src, dst)
-    _fsync_dir(dst.parent)
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -566,15 +562,8 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 def _write(path: Path, text: str) -> None:
+    # A plain write into the private stage: the renames that follow are what make it atomic.
     with open(path, "w") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
