@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from vision.core import metrics
+from vision.jobs.store import lease_holder_gone, lease_token
 
 if TYPE_CHECKING:
     import redis
@@ -47,16 +45,6 @@ class TransientError(Exception):
     """Worth retrying after a backoff: the registry, Redis or a network share is briefly unavailable."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Lease:
     """One runner per job: a `redis.lock.Lock` on `key` whose token names its holder (`host:pid:random`),
     renewed by a thread while the job runs. Beyond the Lock: a holder that died on this host is taken over
@@ -69,8 +57,7 @@ class Lease:
         self.client = client
         self.key = key
         self.ttl_s = ttl_s
-        self.host = socket.gethostname()
-        self.token = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.token = lease_token()
         self.lost = threading.Event()
         # Not thread-local: the renewal thread extends the lock the job's thread took.
         self._lock = Lock(client, key, timeout=ttl_s, thread_local=False)
@@ -94,11 +81,9 @@ class Lease:
         holder = self.client.get(self.key) or ""
         if isinstance(holder, bytes):
             holder = holder.decode(errors="replace")
-        host, _, rest = holder.partition(":")
-        pid = rest.partition(":")[0]
-        if host != self.host or not pid.isdigit() or _alive(int(pid)):
+        if not lease_holder_gone(holder):
             return False
-        log.warning("job lease %s: its holder (pid %s on this host) is gone; taking over", self.key, pid)
+        log.warning("job lease %s: its holder (%s, on this host) is gone; taking over", self.key, holder)
         try:
             # Deletes the key only while it still holds the dead runner's token.
             Lock(self.client, self.key, thread_local=False).do_release(holder)

@@ -273,22 +273,8 @@ class JobStore:
     def _lease_alive(self, job_id: str) -> bool:
         """A runner holds the job: its lease exists (renewed every 10 s, 30 s TTL) and, when it runs on this
         host, its process is alive (a SIGKILLed runner is seen at once, not after the TTL)."""
-        import os
-        import socket
-
         holder = self._call(lambda: self.redis.get(self.key(job_id, "lease")))
-        if not holder:
-            return False
-        host, _, rest = holder.partition(":")
-        pid = rest.partition(":")[0]
-        if host == socket.gethostname() and pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                pass
-        return True
+        return bool(holder) and not lease_holder_gone(holder)
 
     @staticmethod
     def _view(job_id: str, record: dict[str, str], meta: dict[str, Any], lease_alive: bool) -> JobView:
@@ -347,6 +333,34 @@ class JobStore:
             },
             cancel_requested=cancel,
         )
+
+
+def lease_token() -> str:
+    """A job lease's token: `host:pid:random`, so that anyone on the same host can tell a dead holder."""
+    import os
+    import socket
+    import uuid
+
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def lease_holder_gone(token: str) -> bool:
+    """True when the lease token names a process of this host that no longer exists: a SIGKILLed runner is
+    seen at once, not after the lease's TTL. A holder on another host is never judged from here."""
+    import os
+    import socket
+
+    host, _, rest = token.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
 
 
 def _exception_message(result: Any) -> str:
