@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from vision.client.channel import open_channel
 from vision.tasks.delf import REFERENCE_SCALES
 from vision.v1 import common_pb2, delf_pb2, delf_pb2_grpc
 
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         models = args.model or [s.split("name=")[1].split(",")[0] if "name=" in s else s.split(",")[0].removeprefix("arch=") for s in specs]
     rounds: list[Round] = []
     try:
-        with grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 1 << 28), ("grpc.max_send_message_length", 1 << 28)]) as channel:
+        with open_channel(target) as channel:
             stub = delf_pb2_grpc.DelfStub(channel)
             for n in range(args.rounds):
                 for model in models:

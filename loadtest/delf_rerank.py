@@ -26,9 +26,10 @@ import grpc
 import numpy as np
 from vision.client.delf import Options as DelfOptions
 from vision.client.delf import extract_features
-from vision.client.features import RecipeOptions, cropped, image_files
+from vision.client.features import RecipeOptions, cropped
 from vision.client.features import extract as features_extract
 from vision.evaluation.retrieval import TOP_K, evaluate_ranked, load_ground_truth, rank
+from vision.media.imaging import image_files
 from vision.tasks.delf_match import RERANK_OPTIONS, MatchOptions, rerank_rankings
 
 from loadtest.harness import SpawnedServer

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
+from vision.client.channel import open_channel
 from vision.v1 import common_pb2, features_pb2, features_pb2_grpc
 
 from loadtest.harness import SpawnedServer, raw_model, raw_run, read_image
@@ -41,7 +41,7 @@ async def _extract_run(target: str, image: bytes, fields: dict[str, object], con
     done = 0
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + duration
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with open_channel(target, aio=True) as channel:
         stub = features_pb2_grpc.FeaturesStub(channel)
 
         async def client() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from vision.client.channel import open_channel
 from vision.v1 import classification_pb2, classification_pb2_grpc, common_pb2
 
 
@@ -90,9 +91,8 @@ async def closed_run(target: str, make_call, image: bytes, concurrency: int, dur
     """`concurrency` clients, each sending its next request when the last one answered, for any one-image RPC:
     `make_call(channel, image)` returns `timeout -> awaitable` (the open loop's call factories, TorchServe's
     Predictions included), so every server is driven by the same client code."""
-    options = [("grpc.max_send_message_length", 1 << 30)]
     # A few channels, so client-side HTTP/2 framing is not a single serial bottleneck.
-    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(min(4, concurrency))]
+    channels = [open_channel(target, aio=True) for _ in range(min(4, concurrency))]
     calls = [make_call(ch, image) for ch in channels]
     latencies: list[float] = []
     errors: Counter[str] = Counter()
@@ -129,7 +129,7 @@ def raw_model(target: str, model_name: str, weights: Path | None, threads: int):
     from vision.config.settings import ModelConfig, ServeSettings
     from vision.serving.loading import load_model
 
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target) as channel:
         infos = classification_pb2_grpc.ClassificationStub(channel).ListModels(common_pb2.ListModelsRequest(), timeout=30).models
     if not infos:
         raise LoadtestError(f"{target} serves no classification models")

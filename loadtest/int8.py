@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from vision.backends.onnx_backend import open_session
 from vision.config.settings import ModelConfig, ServeSettings
-from vision.media import photos
-from vision.media.imaging import load_image
-from vision.serving.loading import cached_onnx, model_card
 from vision.evaluation.agreement import agreement
+from vision.media import photos
+from vision.media.imaging import image_files, load_image
+from vision.serving.loading import cached_onnx, model_card
 from vision.tools import quantize as q
 
 from loadtest.harness import SpawnedServer, service_run
@@ -43,7 +43,7 @@ def _sets(work: Path, calibration: int, held_out: int) -> tuple[list[Path], list
         folder = work / split
         if not folder.is_dir() or len(list(folder.glob("*.jpg"))) != count:
             photos.write_set(split, count, folder)  # type: ignore[arg-type]
-        sets[split] = q.image_files(folder)
+        sets[split] = image_files(folder)
     return sets["calibration"], sets["held-out"]
 
 

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
+from vision.client.channel import open_channel
 from vision.v1 import (
     classification_pb2,
     classification_pb2_grpc,
@@ -146,8 +147,7 @@ async def open_loop(
     mix = mix or {"classify": 1.0}
     rng = random.Random(seed)
     names, weights = list(mix), list(mix.values())
-    options = [("grpc.max_send_message_length", 1 << 30)]
-    pool = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
+    pool = [open_channel(target, aio=True) for _ in range(channels)]
     factories = {**RPCS, **(rpcs or {})}
     calls = {name: [factories[name](ch, image) for ch in pool] for name in names}
     overall, by_rpc = new_histogram(), {name: new_histogram() for name in names}

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
+from vision.client.channel import open_channel
 from vision.v1 import classification_pb2, classification_pb2_grpc, common_pb2, tagging_pb2, tagging_pb2_grpc
 
 from loadtest.harness import SpawnedServer, read_image
@@ -34,7 +34,7 @@ def _tag_load(target: str, image: bytes, duration: float, tag_images: int, thres
 
     async def tag() -> None:
         stop_at = time.perf_counter() + duration
-        async with grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 1 << 30)]) as channel:
+        async with open_channel(target, aio=True) as channel:
             stub = tagging_pb2_grpc.TaggingStub(channel)
             request = tagging_pb2.TagRequest(images=[common_pb2.Image(content=image)] * tag_images, threshold=threshold)
             while time.perf_counter() < stop_at:
@@ -61,7 +61,7 @@ async def _phase(target: str, image: bytes, duration: float, tag_images: int, th
     stop_at = time.perf_counter() + duration
 
     async def classify() -> None:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with open_channel(target, aio=True) as channel:
             stub = classification_pb2_grpc.ClassificationStub(channel)
             request = classification_pb2.ClassifyRequest(images=[common_pb2.Image(content=image)], top_k=1)
             while time.perf_counter() < stop_at:

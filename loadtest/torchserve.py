@@ -221,10 +221,11 @@ class TorchServe:
     def wait_ready(self, image: bytes) -> None:
         """Until a Predictions call on the real payload answers (the worker has loaded and warmed the model)."""
         import grpc
+        from vision.client.channel import open_channel
 
         pb2, pb2_grpc = grpc_stubs(self.venv)
         deadline = time.monotonic() + self.start_timeout_s
-        with grpc.insecure_channel(self.target) as channel:
+        with open_channel(self.target) as channel:
             stub = pb2_grpc.InferenceAPIsServiceStub(channel)
             request = pb2.PredictionsRequest(model_name=MODEL_NAME, input={"data": image})
             while True:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from PIL import Image
+from vision.media.imaging import IMAGE_SUFFIXES, image_files
 from vision.models import create_model, get_architecture
 from vision.models.delf import (
     Delf,
@@ -59,7 +60,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ARCH = "delf_resnet50"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 # --------------------------------------------------------------------------------------
@@ -83,8 +83,7 @@ class FolderDataset:
         samples = tuple(
             (path, label)
             for label, name in enumerate(classes)
-            for path in sorted((root / name).iterdir())
-            if path.suffix.lower() in IMAGE_SUFFIXES
+            for path in image_files(root / name)
         )
         if len(classes) < 2:
             raise ValueError(f"dataset {root} needs at least two class folders, found {list(classes)}")

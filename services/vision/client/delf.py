@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import colorsys
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +16,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from vision.api.codec import features_from_message, features_message
-from vision.media.imaging import IMAGE_SUFFIXES
+from vision.client.channel import open_channel
+from vision.media.imaging import image_files
 from vision.tasks.delf import DelfFeatures
 from vision.v1 import common_pb2, delf_pb2, delf_pb2_grpc
 
 # `vision delf-extract --save DIR` writes DIR/<stem>FEATURES_SUFFIX; `vision delf-match` reads such files.
 FEATURES_SUFFIX = ".delf.npz"
-_OPTIONS = 1 << 30
 
 
 class ClientError(Exception):
@@ -49,12 +49,6 @@ class Options:
 
     def selector(self) -> common_pb2.ModelSelector:
         return common_pb2.ModelSelector(name=self.model, version=self.version)
-
-
-def channel(target: str) -> grpc.Channel:
-    return grpc.insecure_channel(
-        target, options=[("grpc.max_send_message_length", _OPTIONS), ("grpc.max_receive_message_length", _OPTIONS)]
-    )
 
 
 def _read(path: Path) -> bytes:
@@ -105,7 +99,7 @@ def extract(target: str, paths: Sequence[Path], options: Options, timeout: float
         images=[common_pb2.Image(id=str(p), content=_read(p)) for p in paths],
         options=options.message(),
     )
-    with channel(target) as ch:
+    with open_channel(target) as ch:
         return delf_pb2_grpc.DelfStub(ch).Extract(request, timeout=timeout)
 
 
@@ -116,7 +110,7 @@ def extract_features(
     that extracted them. A few images per request: each answer carries up to 1000 keypoints per image."""
     out: list[DelfFeatures] = []
     model = common_pb2.ModelInfo(name=options.model, version=options.version)
-    with channel(target) as ch:
+    with open_channel(target) as ch:
         stub = delf_pb2_grpc.DelfStub(ch)
         for start in range(0, len(contents), batch_size):
             chunk = contents[start : start + batch_size]
@@ -138,7 +132,7 @@ def match(
         model=options.selector(), a=read_input(a), b=read_input(b), extract_options=options.message(),
         options=match_options or delf_pb2.DelfMatchOptions(),
     )
-    with channel(target) as ch:
+    with open_channel(target) as ch:
         return delf_pb2_grpc.DelfStub(ch).Match(request, timeout=timeout)
 
 
@@ -173,12 +167,6 @@ def open_image(path: Path) -> Image.Image:
         raise ClientError(f"cannot draw {path}: {exc}") from None
 
 
-def image_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise ClientError(f"{folder} is not a folder")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
 @dataclass(frozen=True)
 class PcaFit:
     images: int
@@ -197,7 +185,10 @@ def fit_pca(
     """Extract descriptors before PCA from the images under `folder` through the server, fit a PCA, save it."""
     from vision.tasks.delf import fit_pca as fit
 
-    paths = image_files(folder)[: max_images or None]
+    try:
+        paths = image_files(folder, recursive=True)[: max_images or None]
+    except NotADirectoryError as exc:
+        raise ClientError(str(exc)) from None
     if not paths:
         raise ClientError(f"no images (.jpg, .png, .webp, .bmp, .gif) under {folder}")
     raw = Options(**{**options.__dict__, "skip_pca": True})
@@ -265,6 +256,46 @@ def add_extract_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--nms-iou", type=float, help="NMS over receptive boxes at this IoU (default 1 = none)")
     group.add_argument("--model", default="", help="model name (default: the server's default DELF model)")
     group.add_argument("--version", default="", help="model version (default: its default version)")
+
+
+def add_commands(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """delf-extract, delf-match (alias match), fit-delf-pca; `client(name, help)` adds a parser with the
+    client commands' --target and --timeout (vision.client.commands)."""
+    extract = client("delf-extract", "DELF keypoints and descriptors of images through a running server")
+    extract.description = EXTRACT_HELP
+    extract.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, BMP, GIF)")
+    extract.add_argument("--show", type=int, default=5, help="print the best N keypoints per image (default 5)")
+    extract.add_argument(
+        "--save", type=Path, metavar="DIR", help="write DIR/<name>.delf.npz per image (delf-match reads them)"
+    )
+    extract.add_argument("--json", action="store_true", help="print the response as JSON")
+    add_extract_options(extract)
+    extract.set_defaults(func=run)
+
+    for name, help_text in (
+        ("delf-match", "match two images with DELF + RANSAC through a running server (alias: match)"),
+        ("match", "same as delf-match"),
+    ):
+        match = client(name, help_text)
+        match.description = MATCH_HELP
+        match.add_argument("a", type=Path, help="image file, or features saved by delf-extract --save (*.delf.npz)")
+        match.add_argument("b", type=Path, help="the other side, likewise")
+        match.add_argument("--out", type=Path, help="draw both images side by side with a line per inlier (PNG)")
+        match.add_argument("--json", action="store_true", help="print the response as JSON")
+        add_extract_options(match)
+        match.set_defaults(func=run)
+
+    fit = client("fit-delf-pca", "fit the DELF descriptor PCA on a folder of images through a running server")
+    fit.formatter_class = argparse.RawDescriptionHelpFormatter
+    fit.epilog = FIT_PCA_HELP
+    fit.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
+    fit.add_argument("--out", type=Path, required=True, help="PCA file to write (.npz; serve it with delf_pca=FILE)")
+    fit.add_argument("--dim", type=int, default=40, help="dimensions kept (default 40, the reference's)")
+    fit.add_argument("--whiten", action="store_true", help="divide by the axes' standard deviations (default off)")
+    fit.add_argument("--batch-size", type=int, default=4, help="images per Extract request (default 4)")
+    fit.add_argument("--max-images", type=int, help="use at most this many images")
+    add_extract_options(fit)
+    fit.set_defaults(func=run)
 
 
 def options_from(args: argparse.Namespace, *, skip_pca: bool = False) -> Options:

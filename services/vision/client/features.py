@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import grpc
 import numpy as np
 
 from vision.api.codec import decode_descriptor
-from vision.media.imaging import IMAGE_SUFFIXES
+from vision.client.channel import open_channel
+from vision.media.imaging import image_files
 from vision.v1 import common_pb2, features_pb2, features_pb2_grpc
 
 if TYPE_CHECKING:
@@ -33,10 +33,6 @@ class RecipeOptions:
     dim: int | None = None
     model: str = ""
     version: str = ""
-
-
-def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def cropped(path: Path, bbox: tuple[float, float, float, float] | None) -> bytes:
@@ -65,7 +61,7 @@ def extract(
     """(n, dim) descriptors of `files` in order, and the last response (model, recipe)."""
     vectors: list[np.ndarray] = []
     response = features_pb2.ExtractResponse()
-    with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 1 << 30)]) as channel:
+    with open_channel(target) as channel:
         stub = features_pb2_grpc.FeaturesStub(channel)
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]

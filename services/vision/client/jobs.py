@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vision.client.channel import DEFAULT_TARGET
+
 PROG = "vision jobs"
-DEFAULT_TARGET = "127.0.0.1:50051"
 EXIT_FAILED = 1
 EXIT_CANCELLED = 3
 
@@ -153,11 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _stub(args: argparse.Namespace):  # noqa: ANN202
-    import grpc
-
+    from vision.client.channel import open_channel
     from vision.v1 import jobs_pb2_grpc
 
-    channel = grpc.insecure_channel(args.target, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
+    channel = open_channel(args.target)
     return channel, jobs_pb2_grpc.JobsStub(channel)
 
 

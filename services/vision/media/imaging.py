@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -19,8 +20,21 @@ from vision.core.errors import ConfigurationError, InvalidImage
 # Formats the platform promises to decode. Anything else (TIFF, ICO, PSD...) is refused by name so clients
 # are not surprised by whatever Pillow happens to support on a given host.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
-# File suffixes of those formats, for tools that read image folders.
+# File suffixes of those formats, for tools that read image folders: one suffix list, so a folder means the same
+# images to every tool, and only what the decoder accepts.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+def image_files(folder: Path, *, recursive: bool = False) -> list[Path]:
+    """The image files (by IMAGE_SUFFIXES, any case) directly in `folder`, or anywhere under it with
+    `recursive`, sorted by path. Hidden files (.name, e.g. macOS's ._photo.jpg) are skipped: they are not the
+    images they are named like. NotADirectoryError when `folder` is not a folder."""
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder")
+    entries = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
 
 
 @dataclass(frozen=True)

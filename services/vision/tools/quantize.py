@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from vision.core.errors import ConfigurationError
+from vision.core.files import atomic_path
 from vision.evaluation.agreement import MIN_TOP1_AGREEMENT, MIN_TOP5_OVERLAP, Agreement, agreement
 from vision.models.signature import LOGITS
 
@@ -49,13 +49,15 @@ META_PREFIX = "vision.quantization."
 EXCLUDE_GROUPS = ("stem", "head")
 
 
-def image_files(folder: Path) -> list[Path]:
-    """The images directly inside `folder`, sorted (what calibration and the held-out report read)."""
-    from vision.media.imaging import IMAGE_SUFFIXES
+def _images_in(folder: Path) -> list[Path]:
+    """The images directly inside `folder`, sorted (what calibration and the held-out report read); a
+    ConfigurationError when there are none."""
+    from vision.media.imaging import IMAGE_SUFFIXES, image_files
 
-    if not folder.is_dir():
-        raise ConfigurationError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    try:
+        files = image_files(folder)
+    except NotADirectoryError:
+        raise ConfigurationError(f"image folder {folder} does not exist") from None
     if not files:
         raise ConfigurationError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     return files
@@ -188,12 +190,8 @@ def quantize(fp32_path: Path, out: Path, calibration: Sequence[Path], preset: "P
         for key, value in meta.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = META_PREFIX + key, value
-        staged = Path(tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)[1])
-        try:
+        with atomic_path(out) as staged:
             onnx.save(model, str(staged))
-            os.replace(staged, out)
-        finally:
-            staged.unlink(missing_ok=True)
     return excluded
 
 
@@ -289,8 +287,8 @@ def quantize_model(
     if card.task == "features" or "logits" not in card.signature.outputs:
         raise ConfigurationError(f"model {card.name!r} has no classifier head: the agreement report needs logits")
     source = Path(config.onnx) if config.onnx is not None else cached_onnx(config, settings, card, weights)
-    calibration = image_files(calibration_dir)
-    held_out = image_files(held_out_dir) if held_out_dir is not None else []
+    calibration = _images_in(calibration_dir)
+    held_out = _images_in(held_out_dir) if held_out_dir is not None else []
     if held_out and {p.resolve() for p in held_out} & {p.resolve() for p in calibration}:
         raise ConfigurationError("the held-out folder shares images with the calibration folder")
     started = time.monotonic()
