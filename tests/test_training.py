@@ -17,19 +17,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import ServerProcess
+from PIL import Image
 from test_jobs_helpers import Site, Worker, jobs_server, namespace, redis_url, run_cli, stub, wait_job  # noqa: F401
-from training.shapes import LABELS, generate, url_line, write_labels
 from vision.v1 import common_pb2, jobs_pb2, tagging_pb2, tagging_pb2_grpc
+
+from training.finetune import selection_key
+from training.shapes import LABELS, generate, url_line, write_dataset, write_labels
 
 N_TRAIN, N_HELD_OUT = 320, 64
 SMALL = "torchvision_128"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, namespace):
+def env(tmp_path_factory, namespace):  # noqa: F811 (the fixture imported above)
     """Registry, Jobs service, one worker for both queues (allowed to fetch from 127.0.0.0/8)."""
     root = tmp_path_factory.mktemp("training")
     registry = f"sqlite:///{root / 'registry' / 'registry.db'}"
@@ -125,6 +126,8 @@ def _micro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
     return evaluate(truth, y_pred=predicted).OF1
 
 
+# A hang guard as long as the job's own wait (900 s): on a loaded 2-core machine the 5 epochs alone take minutes.
+@pytest.mark.timeout(900)
 def test_download_finetune_register_promote_and_the_running_service_tags_with_the_new_version(
     env, downloaded
 ):
@@ -380,6 +383,43 @@ def test_the_same_seed_gives_the_same_run(env, downloaded, tmp_path):
     assert a.sha256["weights.pt"] == b.sha256["weights.pt"], (
         "the same seed, data and base give the same weights"
     )
+
+
+def test_a_generated_folder_trains_its_labels_and_keeps_the_epoch_by_map_then_loss(env, tmp_path):
+    """As docs/jobs.md has a new user do: `python -m training.shapes DIR`, then `--data DIR`."""
+    write_dataset(tmp_path / "shapes", generate(48, seed=11))
+    job_id = _finetune(
+        env, "--task", "tagging", "--data", str(tmp_path / "shapes"), "--base", "models:/shapes/1",
+        "--name", "shapes-folder", "--trainable", "head", "--epochs", "2", "--batch-size", "16", "--lr", "1e-3",
+    )
+    final = wait_job(env["jobs"], job_id, 600)
+    assert final.state == jobs_pb2.JOB_STATE_SUCCEEDED, final.message + env["worker"].log()[-4000:]
+    result = Path(final.result["curves"]).parent
+    assert (result / "labels.txt").read_text() == "".join(f"{i}\t{n}\n" for i, n in enumerate(LABELS))
+    assert json.loads((result / "thresholds.json").read_text())["metadata"]["epoch"] == int(final.result["best_epoch"])
+    history = _history(final)
+    assert int(final.result["best_epoch"]) == max(history, key=lambda h: selection_key("tagging", h))["epoch"]
+    from vision.registry.store import RegistryStore
+
+    package = RegistryStore(env["registry"], env["artifacts"]).download(
+        "shapes-folder", final.result["registered_version"], tmp_path / "pkg"
+    )
+    assert package.card["num_classes"] == len(LABELS)
+
+
+def test_a_folder_read_as_one_label_on_every_image_fails_the_job_and_registers_nothing(env, tmp_path):
+    (write_dataset(tmp_path / "shapes", generate(20, seed=12))).unlink()  # DIR/images/ without its dataset.json
+    job_id = _finetune(
+        env, "--task", "tagging", "--data", str(tmp_path / "shapes"), "--base", "models:/shapes/1",
+        "--name", "shapes-one-label", "--promote-to", "staging", "--epochs", "1",
+    )
+    final = wait_job(env["jobs"], job_id, 120)
+    assert final.state == jobs_pb2.JOB_STATE_FAILED and final.attempt == 1, final
+    assert f"read {tmp_path / 'shapes'} as a folder per label: 1 label 'images' on all 20 images" in final.message
+    assert "dataset.json" in final.message
+    from vision.registry.store import RegistryStore
+
+    assert RegistryStore(env["registry"], env["artifacts"]).versions("shapes-one-label") == []
 
 
 def _single_shape(samples: list) -> list:

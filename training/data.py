@@ -1,12 +1,16 @@
 """Training data for fine-tune jobs: the three input layouts, the train/validation split, the transforms.
 
-Layouts (`load_data` picks by what the path is):
+Layouts (`load_data` picks by what the path is; vision.labels.datasets reads them, as `vision eval-tags` does):
 - **a download job's output** (the folder, or its `images.txt`): `name<TAB>idx:conf idx:conf ...` per line,
   names relative to the folder; a label counts when its confidence is at least 0.5 (a bare `idx` is 1);
   label names from `--labels FILE` (`index<TAB>name`), else the folder's `labels.txt`, else `label<i>`;
-- **a folder per class**, ROOT/<class>/<image>: one class per image (classification, retrieval); for
-  tagging an image's labels are the folders holding identical copies of it (vision.labels.datasets);
-- **a NUS-WIDE-style JSON** `{"labels": [...], "samples": [{"image": PATH, "labels": [...]}]}`.
+- **a NUS-WIDE-style JSON** `{"labels": [...], "samples": [{"image": PATH, "labels": [...]}]}`, or the folder
+  holding it as `dataset.json` (what `python -m training.shapes DIR` writes);
+- **a folder per class**, ROOT/<class>/<image> (any other folder): one class per image (classification,
+  retrieval); for tagging an image's labels are the folders holding identical copies of it.
+
+A set with nothing to tell apart (`check_learnable`: every image with the same labels, or one class) fails
+the job rather than train a model that is trivially perfect on its own validation split.
 
 Images are decoded exactly as the services decode them (vision.media.imaging: EXIF, any mode to RGB), resized
 and centre-cropped by the model's preset, then augmented: flip, colour jitter without hue (a colour can
@@ -22,7 +26,9 @@ from typing import Any
 
 import numpy as np
 from vision.jobs.runtime import JobFailed
-from vision.media.imaging import IMAGE_SUFFIXES
+from vision.media.imaging import image_files
+
+FOLDER_PER_CLASS = "a folder per class"
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,7 @@ class LabelledSet:
     labels: tuple[str, ...]
     items: tuple[tuple[Path, tuple[int, ...]], ...]  # (image, label indices); one index for single-label data
     source: str
+    layout: str = ""  # how `source` was read, for messages: "a folder per class", vision.labels.datasets' layouts
 
     def fingerprint(self) -> str:
         """sha256 over the image names, their sizes and their labels: lineage of a registered version."""
@@ -40,90 +47,74 @@ class LabelledSet:
         return "sha256:" + h.hexdigest()[:32]
 
 
-def _label_names(labels_file: Path | None, folder: Path, n: int) -> tuple[str, ...]:
-    from vision.labels.vocab import VocabularyError, load_vocabulary
-
-    for candidate in (labels_file, folder / "labels.txt"):
-        if candidate is not None and candidate.is_file():
-            try:
-                vocab = load_vocabulary(candidate)
-            except VocabularyError as exc:
-                raise JobFailed(f"label file {candidate}: {exc}") from None
-            names = tuple(label.name for label in vocab)
-            if len(names) < n:
-                raise JobFailed(
-                    f"label file {candidate} names {len(names)} labels but the data uses index {n - 1}"
-                )
-            return names
-    return tuple(f"label{i}" for i in range(n))
-
-
-def _image_list(path: Path, labels_file: Path | None) -> LabelledSet:
-    folder = path.parent
-    items: list[tuple[Path, tuple[int, ...]]] = []
-    top = -1
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        name, _, rest = line.partition("\t")
-        labels = []
-        for token in rest.split():
-            idx, _, conf = token.partition(":")
-            try:
-                if float(conf or 1) >= 0.5:
-                    labels.append(int(idx))
-            except ValueError:
-                raise JobFailed(f"{path} line {number}: bad label {token!r}") from None
-        items.append((folder / name, tuple(sorted(set(labels)))))
-        top = max([top, *labels])
-    if not items:
-        raise JobFailed(f"{path} lists no images")
-    return LabelledSet(_label_names(labels_file, folder, top + 1), tuple(items), str(path))
-
-
 def _class_folders(root: Path) -> LabelledSet:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise JobFailed(f"{root}: no class folders (expected ROOT/<class>/<image>)")
     items = []
     for index, name in enumerate(classes):
-        for file in sorted((root / name).iterdir()):
-            if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES and not file.name.startswith("."):
-                items.append((file, (index,)))
+        items.extend((file, (index,)) for file in image_files(root / name))
     if not items:
         raise JobFailed(f"{root}: no images in its class folders")
-    return LabelledSet(tuple(classes), tuple(items), str(root))
+    return LabelledSet(tuple(classes), tuple(items), str(root), FOLDER_PER_CLASS)
 
 
 def load_data(path: Path, *, task: str, labels_file: Path | None = None) -> LabelledSet:
-    from vision.labels.datasets import DatasetError, load_tag_dataset
+    from vision.labels.datasets import DatasetError, load_tag_dataset, resolve_dataset
 
     if not path.exists():
         raise JobFailed(f"training data {path} does not exist")
-    if path.is_dir() and (path / "images.txt").is_file():
-        data = _image_list(path / "images.txt", labels_file)
-    elif path.is_file() and path.suffix == ".txt":
-        data = _image_list(path, labels_file)
-    elif path.is_file() or task == "tagging":
-        try:
-            ds = load_tag_dataset(path)
-        except DatasetError as exc:
-            raise JobFailed(str(exc)) from None
-        data = LabelledSet(
-            tuple(ds.labels), tuple((s.path, tuple(sorted(s.labels))) for s in ds.samples), ds.source
-        )
-    else:
-        data = _class_folders(path)
+    try:
+        source = resolve_dataset(path)
+        if source.is_dir() and task != "tagging":
+            data = _class_folders(source)
+        else:
+            ds = load_tag_dataset(source, labels_file=labels_file)
+            data = LabelledSet(
+                tuple(ds.labels),
+                tuple((s.path, tuple(sorted(s.labels))) for s in ds.samples),
+                ds.source,
+                ds.layout,
+            )
+    except DatasetError as exc:
+        raise JobFailed(str(exc)) from None
     if task != "tagging":
         multi = [p for p, labels in data.items if len(labels) != 1]
         if multi:
             raise JobFailed(
                 f"{task} needs exactly one class per image; {multi[0]} has {len(dict(data.items)[multi[0]])}"
             )
-    missing = [p for p, _ in data.items if not p.is_file()]
-    if missing:
-        raise JobFailed(f"{len(missing)} images of {data.source} are missing, e.g. {missing[0]}")
     return data
+
+
+def check_learnable(data: LabelledSet, task: str) -> None:
+    """Refuse a set with nothing to tell apart: every image with the same labels (tagging) or one class.
+
+    Such a set trains a model that is trivially perfect on its own validation split (mAP and F1 of 1.0),
+    which would then be registered and promoted; the usual cause is a folder read in the wrong layout.
+    """
+    used = sorted({labels for _, labels in data.items})
+    if len(used) > 1:
+        return
+    names = [data.labels[i] for i in used[0]] if used else []
+    read = f"read {data.source} as {data.layout or 'given'}"
+    if task == "tagging":
+        if not names:
+            found = f"no labels on any of its {len(data.items)} images"
+        else:
+            quoted = ", ".join(repr(n) for n in names)
+            found = f"{len(names)} label{'s' if len(names) > 1 else ''} {quoted} on all {len(data.items)} images"
+        raise JobFailed(
+            f"{read}: {found}, so there is nothing to learn. Give a set whose images differ in their labels: "
+            "a NUS-WIDE JSON (such as training.shapes' dataset.json, or the folder holding it), a download "
+            "job's images.txt (or its folder), or a folder per label (ROOT/<label>/<image>, an image copied "
+            "into each label folder it belongs to)"
+        )
+    raise JobFailed(
+        f"{read}: 1 class {names[0]!r} for all {len(data.items)} images; {task} needs images of at least "
+        "2 classes: give a folder per class (ROOT/<class>/<image>), or a NUS-WIDE JSON or a download job's "
+        "images.txt with one label per image"
+    )
 
 
 def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -197,4 +188,4 @@ class ImageDataset:
 def unlabeled_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise JobFailed(f"unlabeled folder {folder} does not exist")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return image_files(folder, recursive=True)

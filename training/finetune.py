@@ -8,8 +8,13 @@ Common to every task:
   preset) or a model spec (`efficientnet_lite0`: the bundled ImageNet weights; `arch=...,weights=FILE`).
   When the base head has another width than the data's labels, every tensor but the head is carried over
   and the head starts from a seeded random initialisation.
-- **Data**: training.data (download-job image lists, folder per class, NUS-WIDE JSON), a seeded split,
-  DataLoader worker processes, the model's preprocessing preset (as serving applies it) plus augmentation.
+- **Data**: training.data (download-job image lists, folder per class, NUS-WIDE JSON; a folder holding a
+  `dataset.json` or `images.txt` is read as that file), a seeded split, DataLoader worker processes, the
+  model's preprocessing preset (as serving applies it) plus augmentation. A set with nothing to tell apart
+  (every image with the same labels, or one class) fails the job before training.
+- **Best epoch**: by the task's score on the validation split (below), ties to the lower validation loss
+  (`selection_key`): on easy data several epochs reach a perfect score, and of those the lower loss is the
+  more confident fit. No score depends on thresholds calibrated on that same split.
 - **Reproducibility**: every random choice derives from the seed and the epoch (split, initialisation,
   order, augmentation, dropout), so a run repeats exactly, and a resumed run continues as it would have.
 - **Checkpoints**: after every epoch, `<work>/checkpoints/last.pt` (model, optimizer, stage, history, best,
@@ -26,8 +31,10 @@ Per task:
 - **tagging**: multi-label head, sigmoid + BCEWithLogitsLoss (optionally positive-weighted per label, as
   Tencent ML-Images trains sparse labels), Adam (lr 1e-4 by default), flip / colour jitter / affine. Every
   epoch: the multi-label metrics of vision.evaluation.tagging at 0.5 and at per-label thresholds
-  calibrated on the validation split (best_f1_thresholds); the best checkpoint by macro-F1 (calibrated).
-  The version is registered with those thresholds.
+  calibrated on the validation split (best_f1_thresholds). The best checkpoint by validation mAP, which
+  ranks scores and needs no threshold (what multi-label benchmarks report); F1 at thresholds fitted to
+  that same split is optimistic and ties at 1.0 on easy sets. The version is registered with the best
+  epoch's thresholds.
 - **classification**: staged as the dog-breed recipe: (1) backbone frozen, new head, Adam; (2) the last
   blocks unfrozen, SGD with momentum 0.9 at a low learning rate, light augmentation; optional center loss
   (its centers with their own learning rate); optional pseudo-labelling (an unlabelled folder labelled
@@ -67,7 +74,7 @@ from training.common import (
     resolve_base,
     start_mlflow_run,
 )
-from training.data import ImageDataset, LabelledSet, load_data, split, unlabeled_images
+from training.data import ImageDataset, LabelledSet, check_learnable, load_data, split, unlabeled_images
 
 if TYPE_CHECKING:
     import torch
@@ -76,6 +83,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEADS = {"efficientnet": ("classifier.",), "resnet": ("fc.",)}
+# The validation metric each task's best epoch is chosen by (a key of its history entries); see selection_key.
+SELECTED_BY = {"tagging": "mAP", "classification": "top1", "retrieval": "retrieval_map"}
 LAST_BLOCKS = {"efficientnet": ("blocks.5.", "blocks.6.", "conv_head.", "bn2."), "resnet": ("layer4.",)}
 
 
@@ -163,6 +172,12 @@ def set_trainable(model: "torch.nn.Module", arch: str, which: str) -> int:
 
 
 
+def selection_key(task: str, scores: dict[str, float]) -> tuple[float, float]:
+    """What an epoch's validation `scores` (a history entry) rank by: the task's SELECTED_BY metric, then the
+    lower validation loss. The best epoch is the one with the greatest key; the earlier on a full tie."""
+    return (scores[SELECTED_BY[task]], -scores["val_loss"])
+
+
 @dataclass
 class Checkpoint:
     epoch: int = 0  # last finished epoch
@@ -196,6 +211,7 @@ def run_trainer_job(run: "JobRun") -> dict[str, Any]:
     data_path = check_path(settings, params["data"], "data")
     labels_file = check_path(settings, options.labels, "labels") if options.labels else None
     data = load_data(data_path, task=task, labels_file=labels_file)
+    check_learnable(data, task)
     store = registry_store(settings)
     work = run.work_dir
     base = resolve_base(params["base"], store, work)
@@ -403,11 +419,11 @@ class Trainer:
             # Training time so far, over every attempt (what "time to micro-F1 >= 0.9" is read from).
             ckpt.extra["elapsed_s"] = ckpt.extra.get("elapsed_s", 0.0) + epoch_seconds
             scores.update(epoch_s=epoch_seconds, elapsed_s=ckpt.extra["elapsed_s"])
-            score = scores.pop("_score")
             thresholds = scores.pop("_thresholds", None)
             ckpt.history.append({"epoch": epoch, **scores})
-            if score > ckpt.best_score:
-                ckpt.best_score, ckpt.best_epoch = score, epoch
+            best = next((h for h in ckpt.history if h["epoch"] == ckpt.best_epoch), None)
+            if best is None or selection_key(self.task, scores) > selection_key(self.task, best):
+                ckpt.best_score, ckpt.best_epoch = scores[SELECTED_BY[self.task]], epoch
                 atomic_save({"state_dict": _cpu_state(model), "thresholds": thresholds}, self.best_path)
             ckpt.epoch, ckpt.stage = epoch, stage
             self._log(client, ckpt.run_id, scores, epoch)
@@ -554,7 +570,6 @@ class Trainer:
                 "mAP": at_half.mAP or 0.0,
                 "CF1": at_half.CF1,
                 "samples_f1": at_half.samples_f1,
-                "_score": macro,
                 "_thresholds": calibration.as_dict(),
             }
         order = np.argsort(-logits, axis=1)
@@ -564,9 +579,6 @@ class Trainer:
         result = {"val_loss": val_loss, "top1": top1, f"top{k}": top5}
         if self.task == "retrieval":
             result["retrieval_map"] = self._retrieval_map(tapped, emb_index)
-            result["_score"] = result["retrieval_map"]
-        else:
-            result["_score"] = top1
         return result
 
     def _retrieval_map(self, tapped: Any, emb_index: int) -> float:
