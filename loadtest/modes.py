@@ -335,7 +335,7 @@ def summary_rows(runs: dict[str, list[OpenLoopResult]], closed: dict[str, RunRes
 
 
 def format_table(rows: list[dict], *, open_loop: bool = False) -> str:
-    """The summary as a Markdown table (what the README quotes)."""
+    """The summary as a Markdown table (what docs/benchmarks.md quotes)."""
     def num(value: float | None, fmt: str = ".1f") -> str:
         return "–" if value is None else format(value, fmt)
 

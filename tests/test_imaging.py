@@ -127,7 +127,7 @@ def test_gif_first_frame():
 
 
 def test_12mp_jpeg_decode_and_preprocess_is_fast_enough_to_measure():
-    """Not a timing assertion (machines are noisy): reports the number the README quotes."""
+    """Not a timing assertion (machines are noisy): reports the number docs/benchmarks.md quotes."""
     big = photo("coffee.png").resize((4000, 3000), Image.Resampling.BICUBIC)
     data = encode(big, "JPEG", quality=90)
     preset = PRESETS["torchvision"]

@@ -59,7 +59,7 @@ def test_open_loop_against_a_real_server(server, photos):
 
 
 def test_closed_loop_cli_against_a_real_server(server, photos, tmp_path):
-    """`python -m loadtest` (the README's benchmark) drives Classify with several images per request."""
+    """`python -m loadtest` (docs/benchmarks.md's benchmark) drives Classify with several images per request."""
     import json
     import subprocess
     import sys

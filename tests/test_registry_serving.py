@@ -32,7 +32,7 @@ from vision.v1 import classification_pb2_grpc, common_pb2
 NAME = "lite"
 POLL_S = 0.25
 CLIENTS = 16
-# Where a run may write the measured numbers (README "Model registry"): VISION_REGISTRY_NUMBERS=path.json
+# Where a run may write the measured numbers (docs/benchmarks.md, registry): VISION_REGISTRY_NUMBERS=path.json
 NUMBERS = os.environ.get("VISION_REGISTRY_NUMBERS")
 
 

@@ -4,7 +4,7 @@ Redis, a real MLflow registry and a running Tagging service that follows the pro
 download (local HTTP) -> fine-tune (tagging) -> registered with golden outputs -> promoted -> the running
 service tags new images with the new version; a SIGKILLed training worker resumes from its checkpoint;
 cancel stops within one batch; classification (stages, center loss, pseudo labels) and retrieval (mAP
-before/after) register too. Numbers printed here are the README's.
+before/after) register too. Numbers printed here are docs/benchmarks.md's.
 """
 
 from __future__ import annotations

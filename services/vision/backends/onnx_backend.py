@@ -36,7 +36,7 @@ def open_session(model_path: Path, *, device: str = "cpu", threads: int = 1, spi
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not spin_wait:
         # Idle intra-op threads busy-wait by default; in a server they would steal the cores that decode
-        # images and run gRPC. Off: +10% img/s at 16 clients on 2 cores (measured, see README).
+        # images and run gRPC. Off: +10% img/s at 16 clients on 2 cores (measured, see docs/benchmarks.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(model_path), options, providers=_providers(device))

@@ -221,11 +221,13 @@ def _tag(args: argparse.Namespace) -> int:
 
 
 EVAL_TAGS_HELP = """\
-DATASET is either
+DATASET is one of
   a folder with one subfolder per label, ROOT/<label>/<image>: an image's true labels are the folders it
-  appears in (identical files in several folders are one sample), or
+  appears in (identical files in several folders are one sample);
   a NUS-WIDE-style JSON file {"labels": [...], "samples": [{"image": PATH, "labels": [NAME or INDEX, ...]}]}
-  with image paths relative to the JSON file.
+  with image paths relative to the JSON file;
+  a download job's images.txt.
+A folder holding a dataset.json or an images.txt is read as that file.
 Labels match tags by WordNet id (n02121808) or name (case-insensitive); tags outside the dataset's labels
 are ignored. Each batch is sent twice: once as given (--threshold/--min-score/--max-tags; unset = the
 model's own thresholds) for the predicted tags, once with threshold 0 for every label's score (AP/mAP).
