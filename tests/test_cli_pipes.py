@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 VISION = [sys.executable, "-m", "vision.cli"]
 
 
@@ -65,3 +67,16 @@ def test_a_command_whose_reader_stays_exits_0_with_all_its_output(server, photos
     )
     assert (result.returncode, result.stderr) == (0, "")
     assert len(result.stdout.splitlines()) == 1 + 1 + 1000  # model line, image id, 1000 ranked classes
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_an_error(monkeypatch):
+    """Only a closed stdout ends a command quietly: a socket or a child's pipe that breaks is a real failure
+    and must not vanish behind status 1."""
+    from vision import cli
+
+    def broken(argv):  # noqa: ANN001, ANN202 - stands in for a command whose connection broke
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_dispatch", broken)
+    with pytest.raises(BrokenPipeError):
+        cli.main(["models"])

@@ -19,11 +19,12 @@ GRPC_DEFAULT_RECEIVE = 4 * 1024 * 1024
 IMAGES = 10
 
 
-def test_a_client_sends_and_receives_what_a_default_server_receives_and_sends():
-    server = dict(_grpc_options(ServeSettings()))
+def test_a_client_receives_what_a_server_sends_and_leaves_request_sizes_to_the_server():
+    server = dict(_grpc_options(ServeSettings(max_request_bytes=256 * 1024 * 1024)))
     limits = dict(client_channel.OPTIONS)
     assert limits["grpc.max_receive_message_length"] == server["grpc.max_send_message_length"]
-    assert limits["grpc.max_send_message_length"] == server["grpc.max_receive_message_length"]
+    # A server that accepts more than the default must get it: the client sets no cap of its own.
+    assert limits["grpc.max_send_message_length"] == -1
 
 
 def test_every_client_opens_its_channels_through_the_factory():

@@ -12,16 +12,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-
-from conftest import ServerProcess, classify_request, photos
+from conftest import ServerProcess, classify_request
 from test_registry_helpers import ARCH, exported, spec  # noqa: F401
+from vision.config.settings import ModelConfig
+from vision.core.errors import ConfigurationError
 from vision.evaluation.agreement import agreement
 from vision.models.precision import precision_of
-from vision.tools import quantize as q
-from vision.core.errors import ConfigurationError
 from vision.registry.golden import Golden
 from vision.registry.store import RegistryStore
-from vision.config.settings import ModelConfig
 from vision.v1 import classification_pb2_grpc, common_pb2
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -127,8 +125,8 @@ def test_json_report_stays_parseable_with_a_histogram_method(sets, tmp_path):
 
 
 def test_torch_backend_refuses_an_int8_file(quantized):
-    from vision.serving.loading import model_card
     from vision.config.settings import ServeSettings
+    from vision.serving.loading import model_card
 
     config = ModelConfig.parse_spec(f"arch={ARCH},onnx={quantized['path']},backend=torch")
     with pytest.raises(ConfigurationError, match="int8 ONNX model"):
@@ -208,7 +206,6 @@ def test_registry_gate_accepts_int8_and_refuses_a_bad_calibration(quantized, exp
 def test_int8_runs_behind_triton_like_in_process(quantized, photos, tmp_path):
     """`vision export-triton` writes the int8 file as it is; Triton's answers equal the in-process int8 engine's."""
     import tritonclient.grpc as triton_grpc
-
     from vision.backends.onnx_backend import open_session
     from vision.media.imaging import PRESETS, load_image
     from vision.triton import TritonProcess, setup_runtime

@@ -27,7 +27,7 @@ from conftest import ServerProcess, classify_request, metric_value, scrape
 from test_registry_helpers import ARCH, exported, real_and_random_store, shuffled_head_weights, spec  # noqa: F401
 from vision.runners.server import Endpoints, serve
 from vision.config.settings import ModelConfig, ServeSettings
-from vision.v1 import classification_pb2_grpc, common_pb2
+from vision.v1 import classification_pb2_grpc, common_pb2, features_pb2_grpc
 
 NAME = "lite"
 POLL_S = 0.25
@@ -143,6 +143,11 @@ async def test_alias_move_and_rollback_under_load_with_zero_failures(live, regis
     assert (info.version, info.registry.uri, info.registry.alias, info.registry.serving_version) == (
         "1", f"models:/{NAME}@production", "production", "1")
     assert info.registry.run_id and not info.registry.refused_version
+    # Every service's ListModels describes the followed entry, not only Classification's.
+    async with grpc.aio.insecure_channel(live.grpc_address) as channel:
+        features = await features_pb2_grpc.FeaturesStub(channel).ListModels(common_pb2.ListModelsRequest(), timeout=10)
+    (entry,) = [m for m in features.models if m.model.name == NAME]
+    assert entry.model.registry == info.registry
     async with Load(live.grpc_address, photos["coffee.jpg"]) as load:
         await asyncio.sleep(1.0)
         moved = time.monotonic()

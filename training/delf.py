@@ -330,6 +330,7 @@ def run_job(run: "JobRun") -> dict[str, Any]:
     Adam, default 1e-4; stage 2 gets STAGE2_LR_FACTOR times it), `batch_size` (16), `seed`."""
     from vision.core import metrics as prom
     from vision.core.cpus import available_cpus
+    from vision.core.files import atomic_write
     from vision.jobs.runtime import JobFailed
     from vision.jobs.settings import check_path
 
@@ -380,7 +381,9 @@ def run_job(run: "JobRun") -> dict[str, Any]:
             "image_size": config.image_size, "seed": config.seed,
         })
         state_file.parent.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(json.dumps({"run_id": run_id}))
+        # What a redelivered job resumes from: a torn file would fail every later attempt.
+        with atomic_write(state_file, "w") as fh:
+            fh.write(json.dumps({"run_id": run_id}))
     client = store.client
 
     def on_batch(index: int, total: int) -> None:

@@ -125,14 +125,6 @@ class Options:
         return options
 
 
-
-
-
-
-
-
-
-
 def build_model(base: Base, num_classes: int) -> "torch.nn.Module":
     """The base's weights under a head of `num_classes` (0: no head); a new head starts seeded-random."""
     from vision.core.errors import ConfigurationError
@@ -168,14 +160,12 @@ def set_trainable(model: "torch.nn.Module", arch: str, which: str) -> int:
     return count
 
 
-
-
-
-
 def selection_key(task: str, scores: dict[str, float]) -> tuple[float, float]:
     """What an epoch's validation `scores` (a history entry) rank by: the task's SELECTED_BY metric, then the
-    lower validation loss. The best epoch is the one with the greatest key; the earlier on a full tie."""
-    return (scores[SELECTED_BY[task]], -scores["val_loss"])
+    lower validation loss. The best epoch is the one with the greatest key; the earlier on a full tie. A NaN
+    (a diverged epoch) ranks lowest, so it never holds the place of a later finite one."""
+    metric, loss = float(scores[SELECTED_BY[task]]), float(scores["val_loss"])
+    return (metric if math.isfinite(metric) else -math.inf, -loss if math.isfinite(loss) else -math.inf)
 
 
 @dataclass
@@ -739,12 +729,6 @@ class Trainer:
             result["retrieval_map_after"] = f"{best_scores['retrieval_map']:.2f}"
         run.progress(metrics={k: v for k, v in best_scores.items() if k != "epoch"}, force=True)
         return result
-
-
-
-
-
-
 
 
 def _cpu_state(model: Any) -> dict[str, Any]:

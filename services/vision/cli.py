@@ -91,12 +91,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Inside the try: output still buffered when the reader has gone fails here, not at exit.
             sys.stdout.flush()
     except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # another pipe broke (a socket, a child's pipe): that is an error with its own traceback
         # The reader closed our stdout (`vision tag a.jpg | head`): end quietly, as Unix tools do. Python's
         # recipe (library/signal.html, "Note on SIGPIPE"): devnull under stdout, so the flush at exit cannot
         # fail again, and status 1.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+
+
+def _stdout_gone() -> bool:
+    """True when stdout is a pipe whose reader has closed it (poll reports an error on its write end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):  # stdout closed or replaced by a caller: not a pipe we can judge
+        return False
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """The one way clients open a channel to a vision server, so every client accepts the same message sizes.
 
-gRPC's defaults (4 MiB received, unlimited sent) do not fit this API: a DELF answer carries up to 1000
-keypoints and descriptors per image, and a Tag answer at threshold 0 every label's score, so answers of a few
-images pass 4 MiB. A client accepts what the server may send and sends what a default server accepts; a larger
-request then fails on the client with RESOURCE_EXHAUSTED, as the server would refuse it.
+gRPC's default of 4 MiB received does not fit this API: a DELF answer carries up to 1000 keypoints and
+descriptors per image, and a Tag answer at threshold 0 every label's score, so answers of a few images pass
+4 MiB. A client accepts what a server may send (vision.core.wire). What it sends is the server's to judge: a
+server started with a larger `--max-request-bytes`, or Ray's proxy, accepts more than the default, so the
+client sets no cap of its own and an oversized request gets the server's RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal, overload
+
+from vision.core.wire import MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
     import grpc
@@ -16,15 +19,12 @@ if TYPE_CHECKING:
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
-# The server's limits (vision.runners.server `_grpc_options`): the send cap it sets, and the default of
-# ServeSettings.max_request_bytes. Literal here because a client must not import the server's settings (that
-# costs every command pydantic's import); tests/test_client_channel.py holds them equal to the server's.
-MAX_RECEIVE_BYTES = 64 * 1024 * 1024
-MAX_SEND_BYTES = 64 * 1024 * 1024
+MAX_RECEIVE_BYTES = MAX_MESSAGE_BYTES
+UNLIMITED = -1
 
 OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-    ("grpc.max_send_message_length", MAX_SEND_BYTES),
+    ("grpc.max_send_message_length", UNLIMITED),
 )
 
 

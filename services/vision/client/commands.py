@@ -16,10 +16,10 @@ from vision.client.channel import DEFAULT_TARGET
 def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """The client commands, in the order `vision --help` lists them."""
 
-    def client(name: str, help_text: str) -> argparse.ArgumentParser:
+    def client(name: str, help_text: str, timeout: float = 30.0) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
-        p.add_argument("--timeout", type=float, default=30.0, help="RPC deadline in seconds (default 30)")
+        p.add_argument("--timeout", type=float, default=timeout, help=f"RPC deadline in seconds (default {timeout:.0f})")
         return p
 
     classify = client("classify", "classify images with a running server")

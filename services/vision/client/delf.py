@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from vision.api.codec import features_from_message, features_message
 from vision.client.channel import open_channel
-from vision.media.imaging import image_files
+from vision.media.imaging import IMAGE_SUFFIXES, image_files
 from vision.tasks.delf import DelfFeatures
 from vision.v1 import common_pb2, delf_pb2, delf_pb2_grpc
 
@@ -190,7 +190,7 @@ def fit_pca(
     except NotADirectoryError as exc:
         raise ClientError(str(exc)) from None
     if not paths:
-        raise ClientError(f"no images (.jpg, .png, .webp, .bmp, .gif) under {folder}")
+        raise ClientError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
     raw = Options(**{**options.__dict__, "skip_pca": True})
     rows: list[np.ndarray] = []
     model = ("", "")
@@ -245,9 +245,6 @@ TIMEOUT_S = 120.0
 
 
 def add_extract_options(parser: argparse.ArgumentParser) -> None:
-    for action in parser._actions:  # noqa: SLF001 - argparse has no public way to change an added option
-        if action.dest == "timeout":
-            action.default, action.help = TIMEOUT_S, f"RPC deadline in seconds (default {TIMEOUT_S:.0f})"
     group = parser.add_argument_group("extraction (unset = the model's settings, the reference DELF defaults)")
     group.add_argument("--scales", help="comma-separated pyramid scales (default 0.25,0.3536,0.5,0.7071,1,1.4142,2)")
     group.add_argument("--max-keypoints", type=int, help="keypoints per image, best first (default 1000)")
@@ -258,10 +255,10 @@ def add_extract_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--version", default="", help="model version (default: its default version)")
 
 
-def add_commands(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
-    """delf-extract, delf-match (alias match), fit-delf-pca; `client(name, help)` adds a parser with the
-    client commands' --target and --timeout (vision.client.commands)."""
-    extract = client("delf-extract", "DELF keypoints and descriptors of images through a running server")
+def add_commands(client: Callable[..., argparse.ArgumentParser]) -> None:
+    """delf-extract, delf-match (alias match), fit-delf-pca; `client(name, help, timeout)` adds a parser with
+    the client commands' --target and --timeout (vision.client.commands), here with DELF's longer deadline."""
+    extract = client("delf-extract", "DELF keypoints and descriptors of images through a running server", TIMEOUT_S)
     extract.description = EXTRACT_HELP
     extract.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, BMP, GIF)")
     extract.add_argument("--show", type=int, default=5, help="print the best N keypoints per image (default 5)")
@@ -276,7 +273,7 @@ def add_commands(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
         ("delf-match", "match two images with DELF + RANSAC through a running server (alias: match)"),
         ("match", "same as delf-match"),
     ):
-        match = client(name, help_text)
+        match = client(name, help_text, TIMEOUT_S)
         match.description = MATCH_HELP
         match.add_argument("a", type=Path, help="image file, or features saved by delf-extract --save (*.delf.npz)")
         match.add_argument("b", type=Path, help="the other side, likewise")
@@ -285,7 +282,7 @@ def add_commands(client: Callable[[str, str], argparse.ArgumentParser]) -> None:
         add_extract_options(match)
         match.set_defaults(func=run)
 
-    fit = client("fit-delf-pca", "fit the DELF descriptor PCA on a folder of images through a running server")
+    fit = client("fit-delf-pca", "fit the DELF descriptor PCA on a folder of images through a running server", TIMEOUT_S)
     fit.formatter_class = argparse.RawDescriptionHelpFormatter
     fit.epilog = FIT_PCA_HELP
     fit.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")

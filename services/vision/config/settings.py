@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from vision.core.cpus import available_cpus
 from vision.core.errors import ConfigurationError
+from vision.core.wire import MAX_MESSAGE_BYTES
 
 # The CPUs this process may use: affinity and the container's cgroup CPU quota, the default thread count.
 _CPUS = available_cpus()
@@ -222,7 +223,7 @@ class ServeSettings(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Encoded size limit per image.")
     max_image_pixels: int = Field(40_000_000, ge=64, description="Width*height limit per image.")
     max_request_bytes: int = Field(
-        64 * 1024 * 1024, ge=1024,
+        MAX_MESSAGE_BYTES, ge=1024,
         description="Whole request size; larger requests are refused by gRPC with RESOURCE_EXHAUSTED before "
         "they are buffered (bounds memory per RPC).",
     )

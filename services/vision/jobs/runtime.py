@@ -179,6 +179,10 @@ class JobRun:
             except Exception as exc:  # Redis briefly away: the work goes on, progress catches up later
                 log.warning("job %s: progress not written (%s)", self.job_id, exc)
 
+    def ended(self) -> None:
+        """The attempt is over, whatever its outcome: the progress gauge no longer counts it."""
+        self._gauge.set(0)
+
     def check_cancel(self) -> None:
         try:
             cancel = self.store.redis.hget(self.store.key(self.job_id), "cancel")

@@ -149,5 +149,9 @@ def host(
     """Build the data plane and add each of `services`' servicers to `server` (a `grpc.aio.Server`, or
     anything with its `add_generic_rpc_handlers`/`add_registered_method_handlers`)."""
     dataplane = data_plane(repository, settings)
-    probes = {svc.full_name: svc.add_to_server(dataplane, server, settings) for svc in services}
+    try:
+        probes = {svc.full_name: svc.add_to_server(dataplane, server, settings) for svc in services}
+    except BaseException:  # a servicer that cannot start (the Jobs store's Redis URL) leaves no pools behind
+        dataplane.close()
+        raise
     return Hosting(repository, services, dataplane, probes)

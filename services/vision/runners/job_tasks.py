@@ -161,7 +161,7 @@ def _run(task: "Task", job_id: str, kind: str, body: Callable[["JobRun"], dict[s
         raise
     finally:
         running.dec()
-        run._gauge.set(0)
+        run.ended()
         lease.release()
 
 

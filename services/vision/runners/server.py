@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 from vision.config.settings import ServeSettings
 from vision.core.cpus import describe_cpus
 from vision.core.metrics import serve_metrics
+from vision.core.wire import MAX_MESSAGE_BYTES
 from vision.runners.hosting import SWITCH_INTERVAL_S, HealthState, Hosting, host, hosted_services
 from vision.serving.loading import load_repository
 from vision.serving.repository import ModelRepository
@@ -64,7 +65,7 @@ def _hostport(host: str, port: int) -> str:
 def _grpc_options(settings: ServeSettings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_request_bytes),
-        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         # Reject a second server on the same port instead of silently sharing it.
         ("grpc.so_reuseport", 0),
     ]
@@ -135,7 +136,13 @@ async def serve(
         await repository.close()
         raise
     server = grpc.aio.server(options=_grpc_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
-    hosting = host(repository, settings, server, hosted)
+    try:
+        hosting = host(repository, settings, server, hosted)
+    except BaseException:
+        if registry is not None:
+            await registry.close()
+        await repository.close()
+        raise
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     _enable_reflection(server, [*(svc.full_name for svc in hosted), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vision.core.errors import ConfigurationError, InvalidArgument, ResourceExhausted
+from vision.core.wire import MAX_MESSAGE_BYTES
 from vision.media.views import ViewSpec, capped_size
 from vision.models.card import DELF as TASK
 from vision.models.signature import ATTENTION, FeatureLayer, Signature
@@ -72,7 +73,7 @@ MAX_KEYPOINTS_LIMIT = 10_000
 MAX_LEVEL_FACTOR = 2.0
 # vision.runners.server sends at most 64 MiB per response; what a request could need is checked before any work
 # (1000 keypoints of 1024-d descriptors without PCA are 4 MiB per image).
-MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+MAX_RESPONSE_BYTES = MAX_MESSAGE_BYTES
 # Per keypoint on the wire besides its descriptor: four floats and their field tags.
 _KEYPOINT_BYTES = 24
 # Any image down to 1 px is accepted: under the platform's decode minimum it gets no forward pass and no

@@ -186,7 +186,7 @@ class DelfServicer(delf_pb2_grpc.DelfServicer):
             delf = delf_of(card)
             layer = delf.layer
             response.models.add(
-                model=model_info(card, full=True),
+                model=model_info(card, full=True, registry=served.registry),
                 layer=layer.name,
                 stride=layer.stride,
                 receptive_field=layer.receptive_field,

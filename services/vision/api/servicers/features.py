@@ -65,7 +65,7 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServicer):
         for model in self._dataplane.repository.list(self._task.name):
             card = model.card
             entry = response.models.add(recipes=self._task.recipes(card), layers=[layer.name for layer in card.signature.layers])
-            entry.model.CopyFrom(model_info(card, full=True))
+            entry.model.CopyFrom(model_info(card, full=True, registry=model.registry))
             for w in whitenings_of(card).values():
                 entry.whitenings.add(name=w.name, kind=w.kind, input_dim=w.input_dim, max_dim=w.max_dim)
         return response
