@@ -94,12 +94,15 @@ class Load:
                 self.answered.append((time.monotonic(), reply.model.version, reply.results[0].predictions[0].index))
                 self.started_at.append(started)
 
-    def versions_sent_after(self, version: str, answered_at: float, until: float = float("inf"), slack: float = 0.2) -> set[str]:
-        """Versions that answered requests sent after the first request answered by `version` at
-        `answered_at` was sent (plus `slack`: clients on other connections reach the server in their own order).
-        Requests in flight across a switch may finish on the old version; none sent after it may."""
-        first_sent = next(s for s, (t, v, _) in zip(self.started_at, self.answered) if v == version and t == answered_at)
-        return {v for s, (_, v, _) in zip(self.started_at, self.answered) if first_sent + slack < s < until}
+    def versions_sent_after(self, version: str, answered_at: float, until: float = float("inf")) -> set[str]:
+        """Versions that answered the requests sent after the first answer from `version` came back (at
+        `answered_at`: the alias had moved by then) and answered before `until` (when the next move began).
+        What the contract promises, with no allowance for timing: a request resolves its model when it
+        arrives, so one sent after the switch is answered by the new version; one in flight across a switch
+        may be either, and is left out."""
+        return {
+            v for s, (t, v, _) in zip(self.started_at, self.answered, strict=True) if s > answered_at and t < until
+        }
 
     async def __aenter__(self) -> "Load":
         self._tasks = [asyncio.ensure_future(self._client()) for _ in range(CLIENTS)]
