@@ -72,7 +72,7 @@ async def test_alias_move_on_triton_loads_the_new_version_and_unloads_the_old(li
         moved = time.monotonic()
         await asyncio.to_thread(store.promote, NAME, "2", "production")
         first = await load.wait_for_version("2", moved, timeout=120)
-        await asyncio.sleep(1.0)
+        await load.answers_sent_after(first)
     assert not load.errors, f"requests failed during the switch: {dict(load.errors)}"
     record_number(f"Triton: alias move -> first answer by the new version (s), {CLIENTS} clients", round(first - moved, 3))
     record_number("Triton: requests during the switch / failed", f"{len(load.answered)} / 0")
