@@ -40,7 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     from vision.runners.serve import add_parser as add_serve_parser
     from vision.tools.commands import add_commands as add_tool_commands
 
-    parser = argparse.ArgumentParser(prog="vision", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vision",
+        description=__doc__,
+        epilog="Where the code lives: services/vision/, one folder per layer (README \"Layout\"): `serve` in "
+        "runners/serve.py, the commands that call a running server in client/, the offline tools in tools/.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(sub)
     add_client_commands(sub)
