@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vision",
         description=__doc__,
-        epilog="Where the code lives: services/vision/, one folder per layer (README \"Layout\"): `serve` in "
-        "runners/serve.py, the commands that call a running server in client/, the offline tools in tools/.",
+        epilog="Where the code lives: services/vision/, one folder per layer (README \"Layout\"):\n"
+        "`serve` in runners/serve.py, the commands that call a running server in client/, offline tools in tools/.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
