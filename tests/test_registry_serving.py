@@ -112,6 +112,15 @@ class Load:
         self._stop.set()
         await asyncio.gather(*self._tasks)
 
+    async def answers_sent_after(self, since: float, count: int = CLIENTS, timeout: float = 120) -> None:
+        """Waits until `count` requests sent after `since` have been answered: a fixed sleep proves nothing
+        on a loaded machine, where a second may hold no answer at all."""
+        deadline = time.monotonic() + timeout
+        while sum(1 for s in self.started_at if s > since) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fewer than {count} requests sent after the switch were answered in {timeout}s")
+            await asyncio.sleep(0.01)
+
     async def wait_for_version(self, version: str, since: float, timeout: float = 60) -> float:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -156,11 +165,11 @@ async def test_alias_move_and_rollback_under_load_with_zero_failures(live, regis
         moved = time.monotonic()
         await asyncio.to_thread(store.promote, NAME, "2", "production")
         first_v2 = await load.wait_for_version("2", moved)
-        await asyncio.sleep(1.0)
+        await load.answers_sent_after(first_v2)
         rolled = time.monotonic()
         assert await asyncio.to_thread(store.rollback, NAME, "production") == ("2", "1")
         first_v1 = await load.wait_for_version("1", rolled)
-        await asyncio.sleep(1.0)
+        await load.answers_sent_after(first_v1)
     assert not load.errors, f"requests failed during the switches: {dict(load.errors)}"
     switch_s, rollback_s = first_v2 - moved, first_v1 - rolled
     record_number("in-process: alias move -> first answer by the new version (s)", round(switch_s, 3))
