@@ -77,6 +77,7 @@ class ServerProcess:
         )
         self.address = ""
         self.metrics_url = ""
+        self.announced = ""  # the start-up lines on stdout
 
     def wait_ready(self, timeout: float = 120.0) -> "ServerProcess":
         assert self.proc.stdout is not None
@@ -86,6 +87,7 @@ class ServerProcess:
                 self.stop()
                 raise TimeoutError(f"server did not start; log:\n{self.log()}")
             line = self.proc.stdout.readline().decode()
+            self.announced += line
             if not line:
                 self.proc.wait(timeout=10)
                 raise RuntimeError(f"server exited with {self.proc.returncode}; log:\n{self.log()}")

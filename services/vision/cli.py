@@ -85,6 +85,10 @@ def _dispatch(argv: list[str]) -> int:
 
         return int(triton_main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
+    from vision.client.channel import resolve_target
+
+    if not resolve_target(args, f"vision {args.command}"):
+        return 2
     return int(args.func(args))
 
 

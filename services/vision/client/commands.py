@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vision.client.channel import DEFAULT_TARGET
+from vision.client.channel import Target, add_connection_flags
 
 
 def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -18,7 +18,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
 
     def client(name: str, help_text: str, timeout: float = 30.0) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+        add_connection_flags(p)
         p.add_argument("--timeout", type=float, default=timeout, help=f"RPC deadline in seconds (default {timeout:.0f})")
         return p
 
@@ -118,7 +118,7 @@ def _read_images(command: str, paths: Sequence[Path]) -> list[tuple[str, bytes]]
     return images
 
 
-def _rpc_error(exc: Exception, target: str) -> int:
+def _rpc_error(exc: Exception, target: Target) -> int:
     import grpc
 
     if isinstance(exc, grpc.RpcError):

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from vision.api.codec import features_from_message, features_message
-from vision.client.channel import open_channel
+from vision.client.channel import Target, open_channel
 from vision.media.imaging import IMAGE_SUFFIXES, image_files
 from vision.tasks.delf import DelfFeatures
 from vision.v1 import common_pb2, delf_pb2, delf_pb2_grpc
@@ -93,7 +93,7 @@ def read_input(path: Path) -> delf_pb2.DelfMatchInput:
     return delf_pb2.DelfMatchInput(image=common_pb2.Image(id=path.name, content=_read(path)))
 
 
-def extract(target: str, paths: Sequence[Path], options: Options, timeout: float) -> delf_pb2.DelfExtractResponse:
+def extract(target: Target, paths: Sequence[Path], options: Options, timeout: float) -> delf_pb2.DelfExtractResponse:
     request = delf_pb2.DelfExtractRequest(
         model=options.selector(),
         images=[common_pb2.Image(id=str(p), content=_read(p)) for p in paths],
@@ -104,7 +104,7 @@ def extract(target: str, paths: Sequence[Path], options: Options, timeout: float
 
 
 def extract_features(
-    target: str, contents: Sequence[bytes], options: Options, *, batch_size: int = 4, timeout: float = 120.0
+    target: Target, contents: Sequence[bytes], options: Options, *, batch_size: int = 4, timeout: float = 120.0
 ) -> tuple[list[DelfFeatures], common_pb2.ModelInfo]:
     """DELF features of encoded images, in order, as numpy (for matching on the client side), and the model
     that extracted them. A few images per request: each answer carries up to 1000 keypoints per image."""
@@ -126,7 +126,7 @@ def extract_features(
 
 
 def match(
-    target: str, a: Path, b: Path, options: Options, timeout: float, *, match_options: delf_pb2.DelfMatchOptions | None = None
+    target: Target, a: Path, b: Path, options: Options, timeout: float, *, match_options: delf_pb2.DelfMatchOptions | None = None
 ) -> delf_pb2.DelfMatchResponse:
     request = delf_pb2.DelfMatchRequest(
         model=options.selector(), a=read_input(a), b=read_input(b), extract_options=options.message(),
@@ -179,7 +179,7 @@ class PcaFit:
 
 
 def fit_pca(
-    target: str, folder: Path, out: Path, options: Options, *, dim: int, whiten: bool, batch_size: int = 4,
+    target: Target, folder: Path, out: Path, options: Options, *, dim: int, whiten: bool, batch_size: int = 4,
     max_images: int | None = None, timeout: float = 300.0,
 ) -> PcaFit:
     """Extract descriptors before PCA from the images under `folder` through the server, fit a PCA, save it."""

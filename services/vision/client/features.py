@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vision.api.codec import decode_descriptor
-from vision.client.channel import open_channel
+from vision.client.channel import Target, open_channel
 from vision.media.imaging import image_files
 from vision.v1 import common_pb2, features_pb2, features_pb2_grpc
 
@@ -50,7 +50,7 @@ def cropped(path: Path, bbox: tuple[float, float, float, float] | None) -> bytes
 
 
 def extract(
-    target: str,
+    target: Target,
     files: Sequence[Path],
     options: RecipeOptions,
     *,
@@ -84,7 +84,7 @@ def extract(
 
 
 def eval_retrieval(
-    target: str, images: Path, gt_path: Path, options: RecipeOptions, *, queries: Path | None = None,
+    target: Target, images: Path, gt_path: Path, options: RecipeOptions, *, queries: Path | None = None,
     crop_queries: bool = True, batch_size: int = 16, timeout: float = 120.0,
     rerank: int = 0, delf: "DelfOptions | None" = None,
 ) -> dict[str, object]:
@@ -168,7 +168,7 @@ def eval_retrieval(
 
 
 def fit_whitening(
-    target: str, images: Path, out: Path, options: RecipeOptions, *, pairs: Path | None = None, dim: int | None = None,
+    target: Target, images: Path, out: Path, options: RecipeOptions, *, pairs: Path | None = None, dim: int | None = None,
     batch_size: int = 16, timeout: float = 120.0,
 ) -> dict[str, object]:
     """Fit a whitening on the descriptors of every image of `images` (PCA, or Radenović et al.'s learned

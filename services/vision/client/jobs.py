@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vision.client.channel import DEFAULT_TARGET
+from vision.client.channel import add_connection_flags
 
 PROG = "vision jobs"
 EXIT_FAILED = 1
@@ -37,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--target", default=DEFAULT_TARGET, help=f"Jobs service address (default {DEFAULT_TARGET})"
-    )
+    add_connection_flags(parser, what="Jobs service")
     parser.add_argument(
         "--timeout", type=float, default=30.0, help="deadline of each RPC in seconds (default 30)"
     )
@@ -421,7 +419,11 @@ def _watch(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     import grpc
 
+    from vision.client.channel import resolve_target
+
     args = build_parser().parse_args(argv)
+    if not resolve_target(args, f"{PROG} {args.command}"):
+        return 2
     try:
         return int(args.func(args))
     except grpc.RpcError as exc:

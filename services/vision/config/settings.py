@@ -234,6 +234,39 @@ class ServeSettings(BaseSettings):
     )
     decode_workers: int = Field(_CPUS, ge=1, description="Threads decoding and preprocessing images.")
     grace_seconds: float = Field(10.0, ge=0, description="On SIGTERM, how long in-flight RPCs may finish.")
+    # --- Transport security and authorization (vision.api.security; README "Securing the platform"). ---
+    tls_cert: Path | None = Field(
+        None,
+        description="Serve gRPC over TLS with this PEM certificate chain (with --tls-key); re-read when the file "
+        "changes (cert-manager rotates it in place), no restart. Default: plaintext.",
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert.")
+    tls_client_ca: Path | None = Field(
+        None,
+        description="Mutual TLS: refuse, in the handshake, clients without a certificate signed by this PEM CA bundle.",
+    )
+    health_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Also serve gRPC health, and nothing else, in plaintext on this port: kubelet's gRPC probes "
+        "cannot present certificates to a TLS port. Default: none.",
+    )
+    auth_tokens: Path | None = Field(
+        None,
+        description="Bearer tokens allowed to call the RPCs that change state (Jobs submit and cancel): a file with "
+        "one 'NAME TOKEN' (or 'TOKEN') per line, or a folder of one file per token, named by who holds it (a "
+        "mounted Secret). Several at once for rotation; re-read when it changes.",
+    )
+    auth_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Client-certificate identities (common name or a subject alternative name, comma-separated) "
+        "allowed to call the RPCs that change state; needs --tls-client-ca.",
+    )
+    auth_open: bool = Field(
+        False,
+        description="Let any client call the RPCs that change state, on any address (authorization done by a mesh "
+        "in front, e.g. Istio). Without tokens or an allow-list they are open on a loopback address only, and a "
+        "server on any other address that hosts them refuses to start.",
+    )
     # --- The Ray Serve runner (`--runner ray`; docs/ray.md). Ignored by the grpc runner. ---
     runner: Literal["grpc", "ray"] = Field(
         "grpc",
@@ -309,6 +342,13 @@ class ServeSettings(BaseSettings):
             raise ValueError("a service is listed twice")
         return value
 
+    @field_validator("auth_allow", mode="before")
+    @classmethod
+    def _split_allow(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     @field_validator("models")
     @classmethod
     def _at_least_one(cls, models: list[ModelConfig]) -> list[ModelConfig]:
@@ -334,6 +374,23 @@ class ServeSettings(BaseSettings):
             raise ValueError("ray_inference_min_replicas must be at most ray_inference_max_replicas")
         if self.ray_config_only and self.ray_config_out is None:
             raise ValueError("ray_config_only needs ray_config_out (where to write the Serve config)")
+        return self
+
+    @model_validator(mode="after")
+    def _security_fits_together(self) -> "ServeSettings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.auth_allow and self.tls_client_ca is None:
+            raise ValueError("auth_allow names client certificates, which only mutual TLS asks for: set tls_client_ca")
+        if self.auth_open and (self.auth_tokens is not None or self.auth_allow):
+            raise ValueError("auth_open lets anyone in: it cannot go with auth_tokens or auth_allow")
+        if self.health_port is not None and self.health_port == self.port != 0:
+            raise ValueError("health_port must differ from port")
+        if self.runner == "ray" and (self.tls_cert or self.auth_tokens or self.auth_allow or self.health_port is not None):
+            raise ValueError("TLS, authorization and health_port belong to the grpc runner; with --runner ray put "
+                             "them in front of Ray Serve's gRPC proxy (docs/ray.md)")
         return self
 
     @model_validator(mode="after")

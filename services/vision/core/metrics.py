@@ -23,6 +23,11 @@ REQUEST_LATENCY = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 IN_FLIGHT = Gauge("vision_requests_in_flight", "RPCs being handled now.", ["service", "method"])
+# Refusals by the authorization interceptor (vision.api.security), by reason: no_credentials, invalid_token
+# (UNAUTHENTICATED), not_allowed (PERMISSION_DENIED). A rise in invalid_token is a client left on a rotated-out token.
+AUTH_REFUSALS = Counter(
+    "vision_auth_refusals_total", "RPCs refused by authorization, by reason.", ["service", "method", "reason"]
+)
 IMAGES = Counter("vision_images_total", "Images answered successfully.", ["service", "model", "version"])
 STAGE_LATENCY = Histogram(
     "vision_stage_duration_seconds",

@@ -72,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
         names = ", ".join(m.registry or f"{m.served_name}:{m.version}" for m in settings.models)
         if settings.services == ["jobs"]:
             names = "none: jobs only"
-        print(f"vision serve: gRPC listening on {endpoints.grpc_address} (models: {names})", flush=True)
+        security = ", TLS" + (" with client certificates" if settings.tls_client_ca else "") if endpoints.tls else ""
+        print(f"vision serve: gRPC listening on {endpoints.grpc_address} (models: {names}{security})", flush=True)
+        if endpoints.health_address:
+            print(f"vision serve: plaintext health on {endpoints.health_address}", flush=True)
         print(f"vision serve: metrics at {endpoints.metrics_url}", flush=True)
 
     try:

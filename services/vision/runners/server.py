@@ -6,6 +6,10 @@ Deployment in Kubernetes); health and reflection list exactly those.
 Start-up order matters for operators: models load first (a bad file stops start-up before any port is
 bound), then the port opens, then health turns SERVING. On SIGTERM health turns NOT_SERVING at once (load
 balancers stop routing), in-flight RPCs get `grace_seconds` to finish, then the process exits.
+
+With `--tls-cert/--tls-key` the port speaks TLS (mutual with `--tls-client-ca`), and the RPCs that change
+state pass the authorization interceptor (vision.api.security); `--health-port` adds a plaintext port that
+serves health only, for probes.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
+from vision.api.security import ServerCertificates, authorization_for, is_loopback, methods_changing_state
 from vision.config.settings import ServeSettings
 from vision.core.cpus import describe_cpus
 from vision.core.metrics import serve_metrics
@@ -56,6 +61,9 @@ def _enable_reflection(server: grpc.aio.Server, service_names: list[str]) -> Non
 class Endpoints:
     grpc_address: str
     metrics_url: str
+    # The plaintext health-only port (--health-port), if any.
+    health_address: str | None = None
+    tls: bool = False
 
 
 def _hostport(host: str, port: int) -> str:
@@ -90,11 +98,16 @@ async def _track_health(
         state = await _update_health(health, hosting, state)
 
 
-def _bind(server: grpc.aio.Server, settings: ServeSettings) -> tuple[int, object, int]:
+def _bind(
+    server: grpc.aio.Server, settings: ServeSettings, certificates: ServerCertificates | None
+) -> tuple[int, object, int]:
     """(gRPC port, metrics server, metrics port); OSError naming the address that could not be bound."""
     address = _hostport(settings.host, settings.port)
     try:
-        port = server.add_insecure_port(address)
+        if certificates is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, certificates.credentials())
     except RuntimeError:  # grpcio reports a failed bind as RuntimeError
         port = 0
     if port == 0:
@@ -106,6 +119,26 @@ def _bind(server: grpc.aio.Server, settings: ServeSettings) -> tuple[int, object
     return port, metrics_httpd, metrics_port
 
 
+async def _health_only_server(
+    settings: ServeSettings, health: health_aio.HealthServicer
+) -> tuple[grpc.aio.Server, int] | tuple[None, None]:
+    """The plaintext health port (--health-port): the same health states, no other service, for probes that
+    cannot present certificates to the TLS port."""
+    if settings.health_port is None:
+        return None, None
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=16)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = _hostport(settings.host, settings.health_port)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot bind the health port on {address}: is another server using it?")
+    await server.start()
+    return server, port
+
+
 async def serve(
     settings: ServeSettings,
     *,
@@ -115,6 +148,17 @@ async def serve(
 ) -> None:
     """Run until SIGTERM/SIGINT (or `stop` is set), then drain and return."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)  # see vision.runners.hosting: the event loop shares the GIL
+    hosted = hosted_services(settings.services)
+    # Security first: a missing certificate or an open job API off loopback stops start-up before any model loads.
+    certificates = (
+        ServerCertificates(settings.tls_cert, settings.tls_key, settings.tls_client_ca) if settings.tls_cert else None
+    )
+    authorization = authorization_for(
+        host=settings.host, tokens=settings.auth_tokens, allowed=settings.auth_allow, open_all=settings.auth_open,
+        guarded=methods_changing_state(svc.full_name for svc in hosted),
+    )
+    if settings.auth_tokens is not None and certificates is None and not is_loopback(settings.host):
+        log.warning("bearer tokens over plaintext on %s: anyone on the network path can read them (--tls-cert)", settings.host)
     log.info("CPUs: %s; engine threads %d, decode workers %d", describe_cpus(), settings.threads, settings.decode_workers)
     registry = None
     if repository is None and any(m.registry for m in settings.models):
@@ -123,7 +167,6 @@ async def serve(
 
         registry = RegistryPublisher(settings)
         repository = load_repository(registry.resolve())
-    hosted = hosted_services(settings.services)
     # A process hosting only services without models (Jobs) loads none.
     repository = repository or (load_repository(settings) if any(svc.task for svc in hosted) else ModelRepository([]))
     try:
@@ -135,7 +178,10 @@ async def serve(
             await registry.close()
         await repository.close()
         raise
-    server = grpc.aio.server(options=_grpc_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+    server = grpc.aio.server(
+        options=_grpc_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        interceptors=[authorization] if authorization is not None else None,
+    )
     try:
         hosting = host(repository, settings, server, hosted)
     except BaseException:
@@ -147,7 +193,7 @@ async def serve(
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     _enable_reflection(server, [*(svc.full_name for svc in hosted), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
     try:
-        port, metrics_httpd, metrics_port = _bind(server, settings)
+        port, metrics_httpd, metrics_port = _bind(server, settings, certificates)
     except OSError:
         # Nothing started may outlive a failed start: the registry's followers, the models, the pools.
         if registry is not None:
@@ -156,6 +202,17 @@ async def serve(
         hosting.close()
         raise
     await server.start()
+    try:
+        health_server, health_port = await _health_only_server(settings, health)
+    except OSError:
+        await server.stop(0)
+        if registry is not None:
+            await registry.close()
+        await repository.close()
+        hosting.close()
+        metrics_httpd.shutdown()  # type: ignore[attr-defined]
+        metrics_httpd.server_close()  # type: ignore[attr-defined]
+        raise
     state = await _update_health(health, hosting, {})
     health_task = asyncio.get_running_loop().create_task(_track_health(health, hosting, state))
 
@@ -166,7 +223,10 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests embedding the server)
             pass
-    endpoints = Endpoints(_hostport(settings.host, port), f"http://{_hostport(settings.host, metrics_port)}/metrics")
+    endpoints = Endpoints(
+        _hostport(settings.host, port), f"http://{_hostport(settings.host, metrics_port)}/metrics",
+        _hostport(settings.host, health_port) if health_port is not None else None, certificates is not None,
+    )
     if on_ready is not None:
         on_ready(endpoints)
     try:
@@ -178,6 +238,8 @@ async def serve(
             await registry.close()
         await health.enter_graceful_shutdown()
         await server.stop(settings.grace_seconds)
+        if health_server is not None:
+            await health_server.stop(0)
         await repository.close()
         hosting.close()
         metrics_httpd.shutdown()  # type: ignore[attr-defined]

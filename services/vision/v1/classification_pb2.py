@@ -25,13 +25,17 @@ _sym_db = _symbol_database.Default()
 from vision.v1 import common_pb2 as vision_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1evision/v1/classification.proto\x12\tvision.v1\x1a\x16vision/v1/common.proto\"z\n\x0f\x43lassifyRequest\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.vision.v1.ModelSelector\x12 \n\x06images\x18\x02 \x03(\x0b\x32\x10.vision.v1.Image\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_top_k\">\n\x0f\x43lassPrediction\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"X\n\x13ImageClassification\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12/\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x1a.vision.v1.ClassPrediction\"h\n\x10\x43lassifyResponse\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.vision.v1.ModelInfo\x12/\n\x07results\x18\x02 \x03(\x0b\x32\x1e.vision.v1.ImageClassification2\xa0\x01\n\x0e\x43lassification\x12\x43\n\x08\x43lassify\x12\x1a.vision.v1.ClassifyRequest\x1a\x1b.vision.v1.ClassifyResponse\x12I\n\nListModels\x12\x1c.vision.v1.ListModelsRequest\x1a\x1d.vision.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1evision/v1/classification.proto\x12\tvision.v1\x1a\x16vision/v1/common.proto\"z\n\x0f\x43lassifyRequest\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.vision.v1.ModelSelector\x12 \n\x06images\x18\x02 \x03(\x0b\x32\x10.vision.v1.Image\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_top_k\">\n\x0f\x43lassPrediction\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"X\n\x13ImageClassification\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12/\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x1a.vision.v1.ClassPrediction\"h\n\x10\x43lassifyResponse\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.vision.v1.ModelInfo\x12/\n\x07results\x18\x02 \x03(\x0b\x32\x1e.vision.v1.ImageClassification2\xaa\x01\n\x0e\x43lassification\x12H\n\x08\x43lassify\x12\x1a.vision.v1.ClassifyRequest\x1a\x1b.vision.v1.ClassifyResponse\"\x03\x90\x02\x01\x12N\n\nListModels\x12\x1c.vision.v1.ListModelsRequest\x1a\x1d.vision.v1.ListModelsResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vision.v1.classification_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CLASSIFICATION'].methods_by_name['Classify']._loaded_options = None
+  _globals['_CLASSIFICATION'].methods_by_name['Classify']._serialized_options = b'\220\002\001'
+  _globals['_CLASSIFICATION'].methods_by_name['ListModels']._loaded_options = None
+  _globals['_CLASSIFICATION'].methods_by_name['ListModels']._serialized_options = b'\220\002\001'
   _globals['_CLASSIFYREQUEST']._serialized_start=69
   _globals['_CLASSIFYREQUEST']._serialized_end=191
   _globals['_CLASSPREDICTION']._serialized_start=193
@@ -41,5 +45,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFYRESPONSE']._serialized_start=347
   _globals['_CLASSIFYRESPONSE']._serialized_end=451
   _globals['_CLASSIFICATION']._serialized_start=454
-  _globals['_CLASSIFICATION']._serialized_end=614
+  _globals['_CLASSIFICATION']._serialized_end=624
 # @@protoc_insertion_point(module_scope)

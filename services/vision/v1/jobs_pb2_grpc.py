@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class JobsStub:
-    """Missing associated documentation comment in .proto file."""
+    """Methods marked NO_SIDE_EFFECTS only read: any client that passed the transport may call them. The others
+    change state, and a server asks for an authorized identity (a bearer token, or a client certificate on its
+    allow-list): UNAUTHENTICATED without one, PERMISSION_DENIED for a certificate not on the list.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -67,7 +70,10 @@ class JobsStub:
 
 
 class JobsServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Methods marked NO_SIDE_EFFECTS only read: any client that passed the transport may call them. The others
+    change state, and a server asks for an authorized identity (a bearer token, or a client certificate on its
+    allow-list): UNAUTHENTICATED without one, PERMISSION_DENIED for a certificate not on the list.
+    """
 
     def SubmitDownload(self, request, context):
         """Queues a download job and returns its id at once. INVALID_ARGUMENT for an empty or malformed URL
@@ -158,7 +164,10 @@ def add_JobsServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Jobs:
-    """Missing associated documentation comment in .proto file."""
+    """Methods marked NO_SIDE_EFFECTS only read: any client that passed the transport may call them. The others
+    change state, and a server asks for an authorized identity (a bearer token, or a client certificate on its
+    allow-list): UNAUTHENTICATED without one, PERMISSION_DENIED for a certificate not on the list.
+    """
 
     @staticmethod
     def SubmitDownload(request,

@@ -25,13 +25,17 @@ _sym_db = _symbol_database.Default()
 from vision.v1 import common_pb2 as vision_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vision/v1/tagging.proto\x12\tvision.v1\x1a\x16vision/v1/common.proto\"\xc7\x01\n\nTagRequest\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.vision.v1.ModelSelector\x12 \n\x06images\x18\x02 \x03(\x0b\x32\x10.vision.v1.Image\x12\x16\n\tthreshold\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\x08max_tags\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tmin_score\x18\x05 \x01(\x02H\x02\x88\x01\x01\x42\x0c\n\n_thresholdB\x0b\n\t_max_tagsB\x0c\n\n_min_score\"g\n\x03Tag\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0c\n\x04wnid\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x16\n\x0e\x66rom_hierarchy\x18\x05 \x01(\x08\x12\r\n\x05\x64\x65pth\x18\x06 \x01(\x05\";\n\tImageTags\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x1c\n\x04tags\x18\x02 \x03(\x0b\x32\x0e.vision.v1.Tag\"Y\n\x0bTagResponse\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.vision.v1.ModelInfo\x12%\n\x07results\x18\x02 \x03(\x0b\x32\x14.vision.v1.ImageTags2\x8a\x01\n\x07Tagging\x12\x34\n\x03Tag\x12\x15.vision.v1.TagRequest\x1a\x16.vision.v1.TagResponse\x12I\n\nListModels\x12\x1c.vision.v1.ListModelsRequest\x1a\x1d.vision.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vision/v1/tagging.proto\x12\tvision.v1\x1a\x16vision/v1/common.proto\"\xc7\x01\n\nTagRequest\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.vision.v1.ModelSelector\x12 \n\x06images\x18\x02 \x03(\x0b\x32\x10.vision.v1.Image\x12\x16\n\tthreshold\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\x08max_tags\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tmin_score\x18\x05 \x01(\x02H\x02\x88\x01\x01\x42\x0c\n\n_thresholdB\x0b\n\t_max_tagsB\x0c\n\n_min_score\"g\n\x03Tag\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0c\n\x04wnid\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x16\n\x0e\x66rom_hierarchy\x18\x05 \x01(\x08\x12\r\n\x05\x64\x65pth\x18\x06 \x01(\x05\";\n\tImageTags\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x1c\n\x04tags\x18\x02 \x03(\x0b\x32\x0e.vision.v1.Tag\"Y\n\x0bTagResponse\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.vision.v1.ModelInfo\x12%\n\x07results\x18\x02 \x03(\x0b\x32\x14.vision.v1.ImageTags2\x94\x01\n\x07Tagging\x12\x39\n\x03Tag\x12\x15.vision.v1.TagRequest\x1a\x16.vision.v1.TagResponse\"\x03\x90\x02\x01\x12N\n\nListModels\x12\x1c.vision.v1.ListModelsRequest\x1a\x1d.vision.v1.ListModelsResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vision.v1.tagging_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TAGGING'].methods_by_name['Tag']._loaded_options = None
+  _globals['_TAGGING'].methods_by_name['Tag']._serialized_options = b'\220\002\001'
+  _globals['_TAGGING'].methods_by_name['ListModels']._loaded_options = None
+  _globals['_TAGGING'].methods_by_name['ListModels']._serialized_options = b'\220\002\001'
   _globals['_TAGREQUEST']._serialized_start=63
   _globals['_TAGREQUEST']._serialized_end=262
   _globals['_TAG']._serialized_start=264
@@ -41,5 +45,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TAGRESPONSE']._serialized_start=430
   _globals['_TAGRESPONSE']._serialized_end=519
   _globals['_TAGGING']._serialized_start=522
-  _globals['_TAGGING']._serialized_end=660
+  _globals['_TAGGING']._serialized_end=670
 # @@protoc_insertion_point(module_scope)
