@@ -251,10 +251,17 @@ def test_each_service_deployment_serves_and_probes_its_own_service(values):
         grpc_name = svc["metadata"]["annotations"]["vision-platform/grpc-service"]
         assert grpc_name.startswith("vision.v1.") and grpc_name.lower().endswith(name)
         grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        if "VISION_TLS_CERT" in env:
+            # kubelet's gRPC probes cannot present certificates: they ask the plaintext health-only port.
+            probe_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "health")
+            assert env["VISION_HEALTH_PORT"] == str(probe_port) and probe_port != grpc_port
+        else:
+            probe_port = grpc_port
         for probe in ("startupProbe", "readinessProbe"):
-            assert container[probe]["grpc"] == {"port": grpc_port, "service": grpc_name}, (name, probe)
+            assert container[probe]["grpc"] == {"port": probe_port, "service": grpc_name}, (name, probe)
         # Liveness: the process, not its models (vision.runners.hosting.LIVENESS).
-        assert container["livenessProbe"]["grpc"] == {"port": grpc_port, "service": "vision.liveness"}
+        assert container["livenessProbe"]["grpc"] == {"port": probe_port, "service": "vision.liveness"}
         (svc_port,) = [p for p in svc["spec"]["ports"] if p["name"] == "grpc"]
         assert svc_port["targetPort"] == "grpc" and svc_port["appProtocol"] == "grpc"
         assert matches(svc["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"])
@@ -626,3 +633,68 @@ def test_the_ray_service_mode_renders_only_when_switched_on():
     for group in groups:
         for container in group["template"]["spec"]["containers"]:
             assert container["securityContext"]["runAsNonRoot"] is True
+
+
+# --------------------------------------------------------------------------------------
+# Security: TLS, tokens, the allow-list, network policies
+# --------------------------------------------------------------------------------------
+
+
+def _container(docs: tuple[dict, ...], name: str) -> dict:
+    (dep,) = [d for d in service_deployments(docs) if component(d) == name]
+    (container,) = pod_spec(dep)["containers"]
+    return container
+
+
+def test_tls_and_authorization_render_as_settings_vision_serve_accepts(monkeypatch):
+    """The security env of the Jobs pod (all-on: cert-manager TLS, mutual, tokens, allow-list) parses as
+    ServeSettings, names files inside the mounted Secrets, and the Certificate covers every Service."""
+    from vision.config.settings import ServeSettings
+
+    docs = render("all-on")
+    jobs = _container(docs, "jobs")
+    env = {e["name"]: e["value"] for e in jobs["env"] if e["name"].startswith("VISION_")}
+    mounts = {m["name"]: m["mountPath"] for m in jobs["volumeMounts"]}
+    for key in ("VISION_TLS_CERT", "VISION_TLS_KEY", "VISION_TLS_CLIENT_CA"):
+        assert env[key].startswith(mounts["tls"] + "/")
+    assert env["VISION_AUTH_TOKENS"] == mounts["tokens"] and env["VISION_AUTH_ALLOW"] == "ci-submitter"
+    with monkeypatch.context() as m:
+        for key in [k for k in os.environ if k.startswith("VISION_")]:
+            m.delenv(key)
+        for key, value in env.items():
+            m.setenv(key, value)
+        parsed = ServeSettings(services=["jobs"], host="0.0.0.0")
+    assert parsed.auth_allow == ["ci-submitter"] and parsed.health_port == 50052
+    assert str(parsed.tls_client_ca) == "/etc/vision/tls/ca.crt"
+    (cert,) = of_kind(docs, "Certificate")
+    volumes = {v["name"]: v for v in pod_spec([d for d in service_deployments(docs) if component(d) == "jobs"][0])["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == cert["spec"]["secretName"]
+    assert "subPath" not in str(jobs["volumeMounts"]), "kubelet never updates subPath mounts: rotation would stall"
+    names = set(cert["spec"]["dnsNames"])
+    for svc in of_kind(docs, "Service"):
+        if svc["metadata"].get("labels", {}).get("vision-platform/role") == "service":
+            assert f"{svc['metadata']['name']}.{NAMESPACE}.svc" in names
+
+
+def test_a_jobs_service_nobody_may_drive_does_not_render():
+    result = helm("template", RELEASE, str(CHART), "-f", str(CHART / "ci" / "all-on-values.yaml"),
+                  "--set", "security.auth.tokensSecret=", "--set", "security.auth.allow=null")
+    assert result.returncode != 0 and "services.jobs changes state" in result.stderr
+    result = helm("template", RELEASE, str(CHART), "--set", "security.tls.enabled=true")
+    assert result.returncode != 0 and "security.tls.secretName" in result.stderr
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_no_network_policy_rule_admits_everyone(values):
+    """An ingress rule without `from` admits every source: each rule names its peers, and Redis and MLflow
+    admit only the release's pods that use them."""
+    docs = render(values)
+    for policy in of_kind(docs, "NetworkPolicy"):
+        for rule in policy["spec"].get("ingress", []):
+            assert rule.get("from"), f"{policy['metadata']['name']}: a rule with no peers admits everyone"
+    by_name = {p["metadata"]["name"].removeprefix(f"{RELEASE}-vision-platform-"): p for p in of_kind(docs, "NetworkPolicy")}
+    if "redis" in by_name:
+        (peer,) = by_name["redis"]["spec"]["ingress"][0]["from"]
+        (expr,) = peer["podSelector"]["matchExpressions"]
+        assert expr["key"] == "app.kubernetes.io/component" and "jobs" in expr["values"]
+        assert not {"classification", "tagging", "mlflow"} & set(expr["values"])

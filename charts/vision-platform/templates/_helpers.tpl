@@ -174,3 +174,72 @@ env:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/* The Secret holding the gRPC services' TLS certificate: the chart's cert-manager Certificate, or security.tls.secretName. */}}
+{{- define "vision-platform.tlsSecretName" -}}
+{{- $tls := .Values.security.tls }}
+{{- if $tls.certManager.enabled }}
+{{- include "vision-platform.componentName" (list . "grpc-tls") }}
+{{- else }}
+{{- required "security.tls.enabled needs security.tls.secretName (a kubernetes.io/tls Secret) or security.tls.certManager.enabled" $tls.secretName }}
+{{- end }}
+{{- end }}
+
+{{/*
+Env of a gRPC service container for security: TLS files, the plaintext health port, tokens, the allow-list.
+Refuses to render a Jobs service nobody is authorized to drive. Call with the root; returns a YAML list.
+*/}}
+{{- define "vision-platform.securityEnv" -}}
+{{- $sec := .Values.security }}
+{{- $jobs := .Values.services.jobs | default dict }}
+{{- if and $jobs.enabled (not (or $sec.auth.tokensSecret $sec.auth.allow $sec.auth.open)) }}
+{{- fail "services.jobs changes state (submit, cancel): set security.auth.tokensSecret, security.auth.allow (with security.tls.mutual) or security.auth.open (a mesh authorizes)" }}
+{{- end }}
+{{- if and $sec.auth.allow (not (and $sec.tls.enabled $sec.tls.mutual)) }}
+{{- fail "security.auth.allow names client certificates: it needs security.tls.enabled and security.tls.mutual" }}
+{{- end }}
+{{- if and $sec.auth.open (or $sec.auth.tokensSecret $sec.auth.allow) }}
+{{- fail "security.auth.open lets anyone in: it cannot go with tokensSecret or allow" }}
+{{- end }}
+{{- if $sec.tls.enabled }}
+- {name: VISION_TLS_CERT, value: /etc/vision/tls/tls.crt}
+- {name: VISION_TLS_KEY, value: /etc/vision/tls/tls.key}
+{{- if $sec.tls.mutual }}
+- {name: VISION_TLS_CLIENT_CA, value: /etc/vision/tls/ca.crt}
+{{- end }}
+- {name: VISION_HEALTH_PORT, value: {{ .Values.ports.health | quote }}}
+{{- end }}
+{{- if $sec.auth.tokensSecret }}
+- {name: VISION_AUTH_TOKENS, value: /etc/vision/tokens}
+{{- end }}
+{{- with $sec.auth.allow }}
+- {name: VISION_AUTH_ALLOW, value: {{ join "," . | quote }}}
+{{- end }}
+{{- if $sec.auth.open }}
+- {name: VISION_AUTH_OPEN, value: "true"}
+{{- end }}
+{{- end }}
+
+{{/* Volumes and mounts of a gRPC service container for security (whole Secrets, never subPath: kubelet updates those in place). */}}
+{{- define "vision-platform.securityVolumes" -}}
+{{- if .Values.security.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "vision-platform.tlsSecretName" . }}
+    defaultMode: 0440
+{{- end }}
+{{- with .Values.security.auth.tokensSecret }}
+- name: tokens
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+{{- define "vision-platform.securityMounts" -}}
+{{- if .Values.security.tls.enabled }}
+- {name: tls, mountPath: /etc/vision/tls, readOnly: true}
+{{- end }}
+{{- if .Values.security.auth.tokensSecret }}
+- {name: tokens, mountPath: /etc/vision/tokens, readOnly: true}
+{{- end }}
+{{- end }}
