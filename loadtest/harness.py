@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from vision.client.channel import open_channel
+from vision.client.channel import Target, open_channel
 from vision.v1 import classification_pb2, classification_pb2_grpc, common_pb2
 
 
@@ -71,7 +71,7 @@ def error_summary(prog: str, results: list[RunResult]) -> int:
     return 1
 
 
-async def service_run(target: str, image: bytes, concurrency: int, duration: float, warmup: float, images_per_request: int, model: str) -> RunResult:
+async def service_run(target: Target, image: bytes, concurrency: int, duration: float, warmup: float, images_per_request: int, model: str) -> RunResult:
     """Closed-loop Classify clients (`images_per_request` copies of `image` per request)."""
     request = classification_pb2.ClassifyRequest(
         model=common_pb2.ModelSelector(name=model),
@@ -86,7 +86,7 @@ async def service_run(target: str, image: bytes, concurrency: int, duration: flo
     return await closed_run(target, classify, image, concurrency, duration, warmup, "service", images_per_call=images_per_request)
 
 
-async def closed_run(target: str, make_call, image: bytes, concurrency: int, duration: float, warmup: float,  # noqa: ANN001
+async def closed_run(target: Target, make_call, image: bytes, concurrency: int, duration: float, warmup: float,  # noqa: ANN001
                      mode: str, *, images_per_call: int = 1) -> RunResult:
     """`concurrency` clients, each sending its next request when the last one answered, for any one-image RPC:
     `make_call(channel, image)` returns `timeout -> awaitable` (the open loop's call factories, TorchServe's

@@ -50,14 +50,16 @@ def shell_blocks(text: str) -> list[str]:
     return blocks
 
 
-def documented_commands() -> list[str]:
-    """grpcurl lines in the shell blocks of README.md and every docs/*.md page."""
+def documented_commands(*, tls: bool = False) -> list[str]:
+    """grpcurl lines in the shell blocks of README.md and every docs/*.md page: the plaintext ones, or with
+    `tls` those that trust a CA (`-cacert`; tests/test_security.py runs them against a TLS server)."""
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     return [
         command
         for page in pages
         for block in shell_blocks(page.read_text())
         for command in grpcurl_lines(block)
+        if ("-cacert" in command) == tls
     ]
 
 

@@ -8,6 +8,7 @@ needs.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import ssl
@@ -363,3 +364,46 @@ def test_a_token_travels_in_plaintext_to_loopback_only(tokens, namespace, tmp_pa
     with pytest.raises(ConfigurationError, match="plaintext"):
         open_channel(Endpoint("192.0.2.1:50051", token=OLD_TOKEN))
 
+
+
+def test_the_documented_certificates_and_commands_work(namespace, tmp_path):  # noqa: F811
+    """docs/security.md's OpenSSL block, run verbatim, makes certificates a real server accepts; its grpcurl
+    lines, with the address of that server, list, check health and reach CancelJob with the token (NOT_FOUND:
+    past authorization) and without it (UNAUTHENTICATED)."""
+    from chart_tools import ROOT, tool
+    from test_grpcurl import ADDRESS, documented_commands, shell_blocks
+
+    (block,) = [b for b in shell_blocks((ROOT / "docs" / "security.md").read_text()) if b.lstrip().startswith("mkdir -p tls")]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "grpcurl").symlink_to(tool("grpcurl"))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    subprocess.run(["bash", "-ec", block], cwd=tmp_path, env=env, check=True, timeout=120, capture_output=True)
+    tls = tmp_path / "tls"
+    server = ServerProcess(
+        ["--services", "jobs", "--jobs-namespace", namespace, "--tls-cert", str(tls / "server.crt"),
+         "--tls-key", str(tls / "server.key"), "--auth-tokens", str(tls / "tokens")],
+        tmp_path / "serve.log",
+    ).wait_ready()
+    try:
+        commands = documented_commands(tls=True)
+        assert len(commands) >= 3, commands
+
+        def run(command: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["bash", "-c", ADDRESS.sub(server.address, command)], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=60)
+
+        for command in commands:
+            done = run(command)
+            if command.endswith(" list"):
+                assert done.returncode == 0 and "vision.v1.Jobs" in done.stdout, done.stderr
+            elif "Health/Check" in command:
+                assert done.returncode == 0 and "SERVING" in done.stdout, done.stderr
+            elif command.endswith("/CancelJob"):
+                assert "NotFound" in done.stderr, done.stderr
+                anonymous = run(re.sub(r'-H "authorization: [^"]*" ', "", command))
+                assert "Unauthenticated" in anonymous.stderr, anonymous.stderr
+            else:
+                raise AssertionError(f"no check for {command}")
+    finally:
+        server.stop()

@@ -238,3 +238,44 @@ def test_labels_that_do_not_fit_the_triton_model_stop_start_up(triton_stack):
     message = str(info.value)
     assert f"'{MODEL}' version 1" in message, message[-2000:]
     assert "output 'logits' has shape (1, 1000)" in message and "expected (1, 12)" in message, message[-2000:]
+
+
+def test_classification_through_a_triton_served_over_mutual_tls(triton_stack, photos, tmp_path):
+    """tritonserver with --grpc-use-ssl-mutual on the same repository; `vision serve --triton-tls-*` reaches
+    it with a client certificate, and a client without TLS cannot."""
+    import trustme
+    import tritonclient.grpc as triton_grpc
+    from tritonclient.utils import InferenceServerException
+
+    from vision.triton import TritonProcess
+
+    ca = trustme.CA()
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    paths = {}
+    for role, leaf in (("server", ca.issue_cert("localhost", "127.0.0.1")), ("client", ca.issue_cert("vision-serve"))):
+        paths[role] = (tmp_path / f"{role}.crt", tmp_path / f"{role}.key")
+        leaf.cert_chain_pems[0].write_to_path(str(paths[role][0]))
+        leaf.private_key_pem.write_to_path(str(paths[role][1]))
+    triton = TritonProcess(
+        triton_stack["repository"], runtime=triton_stack["runtime"], log_path=tmp_path / "triton-tls.log",
+        extra_args=["--grpc-use-ssl=true", "--grpc-use-ssl-mutual=true", f"--grpc-server-cert={paths['server'][0]}",
+                    f"--grpc-server-key={paths['server'][1]}", f"--grpc-root-cert={ca_path}"],
+    ).start()
+    service = None
+    try:
+        with triton_grpc.InferenceServerClient(triton.grpc_address) as plain:
+            with pytest.raises(InferenceServerException):
+                plain.is_server_live(client_timeout=5)
+        service = ServerProcess(
+            ["--backend", "triton", "--triton-url", triton.grpc_address, "--triton-tls-ca", str(ca_path),
+             "--triton-tls-cert", str(paths["client"][0]), "--triton-tls-key", str(paths["client"][1]),
+             "--triton-tls-server-name", "localhost"],
+            tmp_path / "serve.log",
+        ).wait_ready()
+        response = _stub(service.address).Classify(classify_request(photos["coffee.jpg"], top_k=1), timeout=60)
+        assert response.results[0].predictions[0].index == 967
+    finally:
+        if service is not None:
+            service.stop()
+        triton.stop()

@@ -25,6 +25,8 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -124,6 +126,16 @@ class _SharedMemoryPool:
         self._handles.clear()
 
 
+@dataclass(frozen=True)
+class TritonTLS:
+    """TLS to Triton's gRPC endpoint: the CA to trust, a client certificate for mutual TLS, a name override."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+
+
 class TritonBackend(InferenceBackend):
     kind = "triton"
 
@@ -141,6 +153,7 @@ class TritonBackend(InferenceBackend):
         on_batch: Callable[[BatchStats], None] | None = None,
         shared_memory_bytes: int = 0,
         shared_memory_regions: int = 16,
+        tls: TritonTLS | None = None,
     ) -> None:
         self._url = url
         self._model = model_name
@@ -169,6 +182,7 @@ class TritonBackend(InferenceBackend):
         self._shm_regions = shared_memory_regions
         self._shm: _SharedMemoryPool | None = None
         self._max_batch: int | None = None  # None: not read from Triton yet
+        self._tls = tls
 
     @property
     def _where(self) -> str:
@@ -179,9 +193,16 @@ class TritonBackend(InferenceBackend):
 
         if self._shm_bytes:
             self._shm = _SharedMemoryPool(self._model, self._version, self._shm_regions, self._shm_bytes)
+        tls = self._tls
         self._client = triton_grpc.InferenceServerClient(
             url=self._url,
+            # tritonclient's own TLS: it reads the PEM files and builds the channel credentials.
+            ssl=tls is not None,
+            root_certificates=str(tls.ca) if tls else None,
+            private_key=str(tls.key) if tls and tls.key else None,
+            certificate_chain=str(tls.cert) if tls and tls.cert else None,
             channel_args=[
+                *([("grpc.ssl_target_name_override", tls.server_name)] if tls and tls.server_name else []),
                 # tritonclient's own defaults (replaced wholesale when channel_args is given).
                 ("grpc.max_send_message_length", 2**31 - 1),
                 ("grpc.max_receive_message_length", 2**31 - 1),

@@ -161,6 +161,17 @@ class ServeSettings(BaseSettings):
         description="Send tensors to a Triton on the same host through system shared memory: MiB per region "
         "(16 regions); 0 = inside the gRPC message.",
     )
+    triton_tls_ca: Path | None = Field(
+        None,
+        description="Reach Triton's gRPC over TLS (tritonserver --grpc-use-ssl), trusting this PEM CA bundle.",
+    )
+    triton_tls_cert: Path | None = Field(
+        None, description="Client certificate for a Triton that asks for one (--grpc-use-mutual-auth), with --triton-tls-key."
+    )
+    triton_tls_key: Path | None = Field(None, description="PEM private key of --triton-tls-cert.")
+    triton_tls_server_name: str | None = Field(
+        None, description="Check Triton's certificate against this name instead of --triton-url's host."
+    )
     triton_repository: Path | None = Field(
         None,
         description="The model repository the Triton at --triton-url serves (a shared volume): registry models on "
@@ -386,6 +397,10 @@ class ServeSettings(BaseSettings):
             raise ValueError("auth_allow names client certificates, which only mutual TLS asks for: set tls_client_ca")
         if self.auth_open and (self.auth_tokens is not None or self.auth_allow):
             raise ValueError("auth_open lets anyone in: it cannot go with auth_tokens or auth_allow")
+        if (self.triton_tls_cert is None) != (self.triton_tls_key is None):
+            raise ValueError("triton_tls_cert and triton_tls_key go together")
+        if (self.triton_tls_cert or self.triton_tls_server_name) and self.triton_tls_ca is None:
+            raise ValueError("triton_tls_cert and triton_tls_server_name need triton_tls_ca (TLS to Triton)")
         if self.health_port is not None and self.health_port == self.port != 0:
             raise ValueError("health_port must differ from port")
         if self.runner == "ray" and (self.tls_cert or self.auth_tokens or self.auth_allow or self.health_port is not None):

@@ -218,7 +218,7 @@ def build_backend(config: ModelConfig, settings: ServeSettings, card: ModelCard,
             onnx_path, device=settings.device, threads=settings.threads, spin_wait=settings.spin_wait, **hooks
         )
     if card.backend == "triton":
-        from vision.backends.triton_backend import TritonBackend
+        from vision.backends.triton_backend import TritonBackend, TritonTLS
 
         if not config.version.isdigit():
             raise ConfigurationError(
@@ -233,6 +233,8 @@ def build_backend(config: ModelConfig, settings: ServeSettings, card: ModelCard,
             retries=settings.triton_retries,
             on_batch=on_batch,
             shared_memory_bytes=settings.triton_shm_mb * 1024 * 1024,
+            tls=TritonTLS(settings.triton_tls_ca, settings.triton_tls_cert, settings.triton_tls_key,
+                          settings.triton_tls_server_name) if settings.triton_tls_ca else None,
         )
     raise ConfigurationError(f"unknown backend {card.backend!r}")
 
