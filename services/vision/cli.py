@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vision",
         description=__doc__,
-        epilog="Where the code lives: services/vision/, one folder per layer (README \"Layout\"):\n"
+        epilog="Security: `vision serve --tls-cert/--tls-key` (TLS), --tls-client-ca (mutual), --auth-tokens/--auth-allow\n"
+        "(who may submit and cancel jobs); client commands take --tls-ca, --tls-cert/--tls-key, --token-file\n"
+        "(docs/security.md).\n\n"
+        "Where the code lives: services/vision/, one folder per layer (README \"Layout\"):\n"
         "`serve` in runners/serve.py, the commands that call a running server in client/, offline tools in tools/.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
