@@ -27,21 +27,21 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
     XDG_CACHE_HOME=/var/cache/vision \
     VISION_ONNX_CACHE=/var/cache/vision/onnx
-RUN groupadd --system --gid 10001 vision \
-    && useradd --system --uid 10001 --gid vision --home-dir /tmp --shell /usr/sbin/nologin vision \
+RUN groupadd --gid 10001 vision \
+    && useradd --no-create-home --uid 10001 --gid vision --home-dir /tmp --shell /usr/sbin/nologin vision \
     && install -d -o vision -g vision /var/cache/vision
 
 # Dependencies, at the versions pyproject.toml pins, installed before the code is copied (a code change
-# does not reinstall them). slim: the runtime dependencies without timm (which pulls torch) plus ONNX
-# Runtime; full: everything, with the torch and onnx extras.
+# does not reinstall them). scripts/requirements.py names each role's set: slim = the core + onnx (no torch,
+# scipy, scikit-image, MLflow or Celery: a service on ONNX files or in front of Triton imports none of them);
+# full = every extra.
 FROM base AS deps-slim
 WORKDIR /src
 COPY pyproject.toml ./
+COPY scripts/requirements.py ./scripts/
 RUN python -m venv /opt/venv \
-    && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; \
-slim = [d for d in p['dependencies'] if not d.startswith(('timm', 'torch'))] + [d for d in x['onnx'] if d.startswith('onnxruntime')]; \
-open('/tmp/requirements-slim.txt', 'w').write(chr(10).join(slim)); \
-open('/tmp/requirements-full.txt', 'w').write(chr(10).join(p['dependencies'] + x['torch'] + x['onnx']))" \
+    && python scripts/requirements.py slim > /tmp/requirements-slim.txt \
+    && python scripts/requirements.py full > /tmp/requirements-full.txt \
     && pip install --no-cache-dir -r /tmp/requirements-slim.txt
 
 FROM deps-slim AS deps-full
@@ -52,14 +52,16 @@ COPY README.md ./
 COPY services ./services
 COPY loadtest ./loadtest
 COPY training ./training
-RUN pip install --no-cache-dir --no-deps .
+COPY scripts/prune-venv.sh ./scripts/
+RUN pip install --no-cache-dir --no-deps . && sh scripts/prune-venv.sh
 
 FROM deps-full AS build-full
 COPY README.md ./
 COPY services ./services
 COPY loadtest ./loadtest
 COPY training ./training
-RUN pip install --no-cache-dir --no-deps .
+COPY scripts/prune-venv.sh ./scripts/
+RUN pip install --no-cache-dir --no-deps . && sh scripts/prune-venv.sh
 
 FROM base AS mlflow
 # mlflow 3.17.2 with the store stack pyproject.toml pins for the registry (SQLAlchemy 2.1 + psycopg 3: 2.1's

@@ -39,6 +39,26 @@ def test_build_context_excludes_local_environments():
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ignore[ignore.index("*") if "*" in ignore else 0] == "*"  # allow-list: only what the build copies
     copied = set(re.findall(r"^COPY\s+(?!--from)(\S+)", DOCKERFILE.read_text(), flags=re.MULTILINE))
-    assert copied <= {"pyproject.toml", "README.md", "services", "loadtest", "training"}
+    assert copied <= {"pyproject.toml", "README.md", "services", "loadtest", "training", "scripts/requirements.py",
+                      "scripts/prune-venv.sh"}
     for path in copied:
         assert f"!{path}" in ignore or f"!{path}/" in ignore, path
+
+
+def test_each_image_role_carries_its_dependency_set():
+    """scripts/requirements.py (what the Dockerfile installs): slim is the core plus ONNX Runtime and onnx, with
+    none of what only other roles import; full is every extra, each pin as pyproject.toml states it."""
+    import importlib.util
+    import tomllib
+
+    spec = importlib.util.spec_from_file_location("requirements", ROOT / "scripts" / "requirements.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    names = lambda reqs: {re.split(r"[<>=\[ ]", r, maxsplit=1)[0] for r in reqs}  # noqa: E731
+    slim, full = module.requirements("slim"), module.requirements("full")
+    assert {"grpcio", "onnxruntime", "onnx", "tritonclient", "numpy", "pillow"} <= names(slim)
+    assert not {"torch", "timm", "scipy", "scikit-image", "scikit-learn", "mlflow-skinny", "celery"} & names(slim)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pinned = set(project["dependencies"]) | {r for k, v in project["optional-dependencies"].items()
+                                             if k in ("torch", "onnx", "science", "registry", "jobs") for r in v}
+    assert set(full) == pinned and set(slim) < set(full)

@@ -63,6 +63,12 @@ class FailedPrecondition(VisionError):
     status = "FAILED_PRECONDITION"
 
 
+class Unimplemented(VisionError):
+    """This installation cannot do it (a library the slim image leaves out); another one can."""
+
+    status = "UNIMPLEMENTED"
+
+
 class DeadlineExceeded(VisionError):
     status = "DEADLINE_EXCEEDED"
 

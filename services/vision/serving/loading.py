@@ -202,6 +202,7 @@ def build_backend(config: ModelConfig, settings: ServeSettings, card: ModelCard,
     batching = BatchingConfig(settings.max_batch_size, settings.max_wait_ms, settings.max_queue_images)
     hooks = {"batching": batching, "on_batch": on_batch, "on_queue_depth": on_depth, "name": card.name}
     if card.backend == "torch":
+        _require_torch(config, "runs on the torch backend, which")
         import torch
 
         from vision.backends.torch_backend import TorchBackend, run_on_torch_thread
@@ -239,9 +240,22 @@ def build_backend(config: ModelConfig, settings: ServeSettings, card: ModelCard,
     raise ConfigurationError(f"unknown backend {card.backend!r}")
 
 
+def _require_torch(config: ModelConfig, what: str) -> None:
+    """One line instead of a traceback when torch is missing (the slim image), naming what would work."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise ConfigurationError(
+            f"model {config.served_name!r} {what} needs torch, which this installation lacks (the slim image): "
+            "give the model a pre-exported onnx=FILE (`vision export-triton` writes one), serve it with "
+            "--backend triton, or use the full image"
+        )
+
+
 def cached_onnx(config: ModelConfig, settings: ServeSettings, card: ModelCard, weights: Path | None) -> Path:
     """The model's ONNX export from the cache, exporting (and parity-checking) it on a miss. Random
     weights are seeded, so they are cached like any other: nothing is written outside the cache."""
+    _require_torch(config, "has no onnx= file, and exporting one at start")
     from vision.models.export import cache_key, export_onnx
 
     digest = card.weights_sha256 or "random-seed-0"

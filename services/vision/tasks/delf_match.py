@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vision.core.errors import InvalidArgument
+from vision.core.errors import InvalidArgument, Unimplemented
 from vision.tasks.delf import DelfFeatures
 
 DISTANCE_THRESHOLD = 0.8
@@ -65,6 +65,20 @@ class MatchResult:
 KD_TREE_MAX_DIM = 64
 
 
+def _matching_libraries():  # noqa: ANN202 - (cKDTree, ransac, AffineTransform)
+    """scipy and scikit-image, imported on first use: the slim image leaves them out, and Match says so."""
+    try:
+        from scipy.spatial import cKDTree
+        from skimage.measure import ransac
+        from skimage.transform import AffineTransform
+    except ImportError as exc:
+        raise Unimplemented(
+            f"DELF matching needs scipy and scikit-image, which this server lacks ({exc.name} is missing: the slim "
+            "image); Extract works here, Match on a server from the full image"
+        ) from None
+    return cKDTree, ransac, AffineTransform
+
+
 def putative_matches(a: np.ndarray, b: np.ndarray, max_distance: float = DISTANCE_THRESHOLD) -> np.ndarray:
     """(K, 2) pairs (index in a, index in b): each row of b with its nearest row of a (Euclidean) within
     `max_distance`. A KD-tree as the reference for narrow descriptors, an exact matrix-product search for
@@ -72,8 +86,7 @@ def putative_matches(a: np.ndarray, b: np.ndarray, max_distance: float = DISTANC
     if not len(a) or not len(b):
         return np.zeros((0, 2), dtype=np.int64)
     if a.shape[1] <= KD_TREE_MAX_DIM:
-        from scipy.spatial import cKDTree
-
+        cKDTree, _, _ = _matching_libraries()
         distances, indices = cKDTree(a).query(b, k=1, distance_upper_bound=max_distance)
         found = np.flatnonzero(np.isfinite(distances))
         return np.stack([indices[found], found], axis=1).astype(np.int64)
@@ -87,9 +100,7 @@ def putative_matches(a: np.ndarray, b: np.ndarray, max_distance: float = DISTANC
 
 def verify(src: np.ndarray, dst: np.ndarray, options: MatchOptions = MatchOptions()) -> tuple[np.ndarray | None, np.ndarray]:
     """RANSAC affine fit of src → dst (N, 2 each): (3x3 matrix or None, boolean inlier mask)."""
-    from skimage.measure import ransac
-    from skimage.transform import AffineTransform
-
+    _, ransac, AffineTransform = _matching_libraries()
     none = np.zeros(len(src), dtype=bool)
     if len(src) < RANSAC_MIN_SAMPLES:
         return None, none

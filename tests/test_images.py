@@ -1,0 +1,276 @@
+"""The images, built by scripts/build-images.sh and run under podman as the chart runs them: user 10001, a
+read-only root filesystem, tmpfs where the chart mounts emptyDirs, reached only through published loopback
+ports (or, to reach a Triton on the host's loopback, the host's network), answers checked with the real client.
+
+The slim image is built and tested in every run (CI installs podman); the full image's tests (about 8 min to
+build, 6.8 GB) run with VISION_IMAGE_TESTS=full. Without podman every test here is skipped, saying why.
+Numbers (sizes, cold start, RSS) print as `[image numbers]` lines; VISION_IMAGE_NUMBERS=FILE.json keeps them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import classify_request
+from vision.v1 import classification_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+REPOSITORY = "localhost/vision-test"
+TAG = "ci"
+SLIM = f"{REPOSITORY}:{TAG}-slim"
+MODEL = "efficientnet_lite0"
+SLIM_LIMIT_MB = 400
+NUMBERS = os.environ.get("VISION_IMAGE_NUMBERS")
+
+pytestmark = pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed (Debian: apt-get install podman buildah runc debootstrap); .ci/run installs it")
+
+
+def record_number(key: str, value: object) -> None:
+    print(f"[image numbers] {key}: {value}")
+    if NUMBERS:
+        path = Path(NUMBERS)
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[key] = value
+        path.write_text(json.dumps(data, indent=2))
+
+
+def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(ROOT / ".tools" / "containers.conf"))}
+    result = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def build(target: str) -> str:
+    started = time.monotonic()
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build-images.sh"), "--targets", target, "--repository", REPOSITORY, "--tag", TAG],
+        capture_output=True, text=True, timeout=3000, cwd=ROOT,
+    )
+    assert result.returncode == 0, f"build-images.sh --targets {target} failed:\n{result.stdout}\n{result.stderr}"
+    record_number(f"{target}: build (cached layers count) s", round(time.monotonic() - started))
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith(f"{target}:")]
+    return line
+
+
+@pytest.fixture(scope="session")
+def slim_image() -> str:
+    line = build("slim")
+    size_mb = int(re.search(r"(\d+) MB", line).group(1))
+    record_number("slim: image size MB", size_mb)
+    return SLIM
+
+
+@pytest.fixture(scope="session")
+def exported_repository(tmp_path_factory) -> Path:
+    """A Triton repository with the embedded default, exported by `vision export-triton` (here, on the host,
+    with the full venv; the full image's test does the same inside that image)."""
+    repository = tmp_path_factory.mktemp("image-models") / "repository"
+    done = subprocess.run(
+        [sys.executable, "-m", "vision.cli", "export-triton", "--model", MODEL, "--repository", str(repository)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    # The container's user 10001 reads it through a bind mount.
+    for path in [repository, *repository.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    for parent in list(repository.parents)[:3]:
+        parent.chmod(parent.stat().st_mode | 0o005)
+    return repository
+
+
+class Container:
+    """One container of ours, by name: started detached, stopped with SIGTERM, always removed."""
+
+    def __init__(self, image: str, *args: str, run_args: tuple[str, ...] = (), publish: tuple[int, ...] = (50051, 9464)) -> None:
+        self.name = f"vision-test-{uuid.uuid4().hex[:8]}"
+        ports = [f"-p127.0.0.1::{p}" for p in publish]
+        podman("run", "-d", "--name", self.name, "--user", "10001:10001", "--read-only",
+               "--tmpfs", "/tmp:rw,U", "--tmpfs", "/var/cache/vision:rw,U", *ports, *run_args, image, *args)
+
+    def port(self, inside: int) -> str:
+        out = podman("port", self.name, str(inside)).stdout.strip().splitlines()[0]
+        return out.replace("0.0.0.0", "127.0.0.1")
+
+    def logs(self) -> str:
+        done = podman("logs", self.name, check=False)
+        return done.stdout + done.stderr
+
+    def wait_serving(self, address: str, timeout: float = 180) -> float:
+        started = time.monotonic()
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            state = podman("inspect", "--format", "{{.State.Status}}", self.name).stdout.strip()
+            if state != "running":
+                raise AssertionError(f"container exited ({state}):\n{self.logs()}")
+            try:
+                with grpc.insecure_channel(address) as channel:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(service="vision.v1.Classification"), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return time.monotonic() - started
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"not SERVING within {timeout}s:\n{self.logs()}")
+
+    def rss_mib(self) -> float:
+        stats = podman("stats", "--no-stream", "--format", "{{.MemUsage}}", self.name).stdout.strip()
+        value, unit = re.match(r"([\d.]+)\s*([kMG]i?B)", stats).groups()
+        return float(value) * {"kB": 1 / 1024, "MB": 1, "MiB": 1, "GB": 1024, "GiB": 1024}[unit]
+
+    def stop(self) -> int:
+        """SIGTERM (podman stop), then the exit status."""
+        podman("stop", "--time", "30", self.name, timeout=60)
+        return int(podman("inspect", "--format", "{{.State.ExitCode}}", self.name).stdout.strip())
+
+    def remove(self) -> None:
+        podman("rm", "--force", "--time", "0", self.name, check=False)
+
+
+def classify_top1(address: str, image: bytes) -> int:
+    with grpc.insecure_channel(address) as channel:
+        reply = classification_pb2_grpc.ClassificationStub(channel).Classify(classify_request(image, top_k=1), timeout=60)
+    return reply.results[0].predictions[0].index
+
+
+def test_slim_is_small(slim_image):
+    size = int(podman("image", "inspect", "--format", "{{.Size}}", slim_image).stdout) / 1e6
+    assert size <= SLIM_LIMIT_MB, f"slim is {size:.0f} MB"
+    # No torch, scipy, scikit-image, MLflow or Celery in it: a service in front of Triton imports none.
+    done = podman("run", "--rm", "--entrypoint", "/opt/venv/bin/python", slim_image, "-c",
+                  "import importlib.util as u; print([m for m in ('torch','scipy','skimage','mlflow','celery','sklearn') if u.find_spec(m)])")
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_slim_serves_an_exported_onnx_file_and_drains_on_sigterm(slim_image, exported_repository, photos):
+    onnx = f"/models/{MODEL}/1/model.onnx"
+    container = Container(slim_image, "serve", "--host", "0.0.0.0", "--model", f"arch={MODEL},onnx={onnx}",
+                          run_args=("-v", f"{exported_repository}:/models:ro"))
+    try:
+        address = container.port(50051)
+        cold_start = container.wait_serving(address)
+        record_number("slim on ONNX: container start to SERVING s", round(cold_start, 2))
+        assert classify_top1(address, photos["coffee.jpg"]) == 967
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{container.port(9464)}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        assert 'vision_requests_total{code="OK",method="Classify",service="vision.v1.Classification"}' in text
+        record_number("slim on ONNX: RSS in the container MiB", round(container.rss_mib()))
+        assert container.stop() == 0
+        assert "stopped" in container.logs()
+    finally:
+        container.remove()
+
+
+def test_slim_without_a_model_source_says_what_to_give_in_one_line(slim_image):
+    done = podman("run", "--rm", "--user", "10001:10001", "--read-only", "--tmpfs", "/tmp:rw,U",
+                  "--tmpfs", "/var/cache/vision:rw,U", slim_image, check=False, timeout=180)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("vision serve:")]
+    assert "onnx=" in line and "--backend triton" in line and "full image" in line
+
+
+def test_slim_in_front_of_a_local_triton(slim_image, exported_repository, photos, tmp_path):
+    from vision.triton import TritonProcess, setup_runtime
+
+    triton = TritonProcess(exported_repository, runtime=setup_runtime(), log_path=tmp_path / "triton.log").start()
+    # The host's loopback (where Triton listens) is reachable from the host's network namespace only.
+    port = _free_port()
+    container = Container(slim_image, "serve", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+                          "--backend", "triton", "--triton-url", triton.grpc_address,
+                          run_args=("--network", "host"), publish=())
+    try:
+        address = f"127.0.0.1:{port}"
+        container.wait_serving(address)
+        assert classify_top1(address, photos["coffee.jpg"]) == 967
+        assert container.stop() == 0
+    finally:
+        container.remove()
+        triton.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_dev_cpu_charts_workloads_run_under_podman_kube_play(slim_image, exported_repository, photos, tmp_path):
+    """values-dev-cpu.yaml rendered with the built image, played by `podman kube play`: each Deployment's own
+    command, args, env (its ConfigMap), volumes, security context and probe ports. Two changes, both values:
+    the slim image with the exported ONNX file on the model store (the full image's first-start export is the
+    full tests'), and every container port given a free hostPort on 127.0.0.1 (kube play would otherwise
+    publish the container ports themselves, on every interface)."""
+    import yaml
+    from chart_tools import CHART, RELEASE, helm
+
+    rendered = helm(
+        "template", RELEASE, str(CHART), "-f", str(CHART / "values-dev-cpu.yaml"),
+        "--set", f"image.repository={REPOSITORY}", "--set", f"image.tag={TAG}", "--set", "serviceDefaults.image=slim",
+        "--set", "modelStore.enabled=true",
+        "--set-json", f'models=[{{"arch":"{MODEL}","onnx":"/models/{MODEL}/1/model.onnx"}}]',
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    (claim,) = [d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in deployments} >= {"classification", "tagging"}
+    probes: dict[str, tuple[str, str]] = {}
+    for dep in deployments:
+        (container,) = dep["spec"]["template"]["spec"]["containers"]
+        probe = container["readinessProbe"]["grpc"]
+        # podman 4.3 publishes every containerPort, on all interfaces unless told: each gets a free loopback one.
+        for port in container["ports"]:
+            port["hostPort"], port["hostIP"] = _free_port(), "127.0.0.1"
+        host_port = next(p["hostPort"] for p in container["ports"] if p["containerPort"] == probe["port"])
+        probes[dep["metadata"]["labels"]["app.kubernetes.io/component"]] = (f"127.0.0.1:{host_port}", probe["service"])
+    played = [d for d in docs if d["kind"] in ("ConfigMap", "Deployment")]
+    manifest = tmp_path / "dev-cpu.yaml"
+    manifest.write_text(yaml.safe_dump_all(played))
+    # The model store: the claim is a podman volume of that name, holding the exported repository.
+    podman("volume", "rm", "--force", claim, check=False)
+    podman("volume", "create", claim)
+    mountpoint = Path(podman("volume", "inspect", "--format", "{{.Mountpoint}}", claim).stdout.strip())
+    shutil.copytree(exported_repository, mountpoint, dirs_exist_ok=True)
+    try:
+        done = podman("kube", "play", str(manifest), timeout=300, check=False)
+        assert done.returncode == 0, done.stderr
+        for component, (address, service) in probes.items():
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    with grpc.insecure_channel(address) as channel:
+                        status = health_pb2_grpc.HealthStub(channel).Check(
+                            health_pb2.HealthCheckRequest(service=service), timeout=2).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, f"{component} not SERVING on {address}:\n" + \
+                    podman("pod", "logs", f"{RELEASE}-vision-platform-{component}-pod", check=False).stderr
+                time.sleep(0.5)
+        states = podman("pod", "ps", "--format", "{{.Name}} {{.Status}}").stdout
+        for component in probes:
+            assert re.search(rf"{RELEASE}-vision-platform-{component}\S* Running", states), states
+        assert classify_top1(probes["classification"][0], photos["coffee.jpg"]) == 967
+    finally:
+        podman("kube", "down", str(manifest), timeout=120, check=False)
+        podman("volume", "rm", "--force", claim, check=False)
