@@ -165,6 +165,19 @@ def test_slim_serves_an_exported_onnx_file_and_drains_on_sigterm(slim_image, exp
         cold_start = container.wait_serving(address)
         record_number("slim on ONNX: container start to SERVING s", round(cold_start, 2))
         assert classify_top1(address, photos["coffee.jpg"]) == 967
+        # DELF extraction runs here; matching needs scipy and scikit-image, which slim leaves out: it says so.
+        from vision.v1 import common_pb2, delf_pb2, delf_pb2_grpc
+
+        with grpc.insecure_channel(address) as channel:
+            delf = delf_pb2_grpc.DelfStub(channel)
+            extracted = delf.Extract(delf_pb2.DelfExtractRequest(
+                images=[common_pb2.Image(id="coffee", content=photos["coffee.jpg"])]), timeout=120)
+            assert len(extracted.results[0].features.keypoints) > 0
+            with pytest.raises(grpc.RpcError) as err:
+                image = delf_pb2.DelfMatchInput(image=common_pb2.Image(content=photos["coffee.jpg"]))
+                delf.Match(delf_pb2.DelfMatchRequest(a=image, b=image), timeout=120)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "full image" in err.value.details()
+        assert classify_top1(address, photos["coffee.jpg"]) == 967  # and it goes on serving
         import urllib.request
 
         with urllib.request.urlopen(f"http://{container.port(9464)}/metrics", timeout=10) as resp:
