@@ -287,3 +287,116 @@ def test_the_dev_cpu_charts_workloads_run_under_podman_kube_play(slim_image, exp
     finally:
         podman("kube", "down", str(manifest), timeout=120, check=False)
         podman("volume", "rm", "--force", claim, check=False)
+
+
+# --------------------------------------------------------------------------------------
+# The full image (VISION_IMAGE_TESTS=full: ~8 min to build, 6.6 GB)
+# --------------------------------------------------------------------------------------
+
+FULL = f"{REPOSITORY}:{TAG}"
+full_only = pytest.mark.skipif(os.environ.get("VISION_IMAGE_TESTS") != "full",
+                               reason="the full image's tests are opt-in: VISION_IMAGE_TESTS=full (an 8-minute, 6.6 GB build)")
+
+
+@pytest.fixture(scope="session")
+def full_image() -> str:
+    line = build("full")
+    record_number("full: image size MB", int(re.search(r"(\d+) MB", line).group(1)))
+    return FULL
+
+
+@pytest.fixture(scope="session")
+def redis_image(slim_image) -> str:
+    """Redis from Debian's package on the same base (no registry is reachable for redis:7)."""
+    image = f"{REPOSITORY}-redis:{TAG}"
+    base = "localhost/vision-base:bookworm"
+    if podman("image", "exists", base, check=False).returncode != 0:
+        base = "python:3.11.11-slim-bookworm"
+    containerfile = (f"FROM {base}\nRUN apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server "
+                     "&& rm -rf /var/lib/apt/lists/*\nUSER redis\nENTRYPOINT [\"redis-server\"]\n")
+    done = subprocess.run(["podman", "build", "--quiet", "-t", image, "-"], input=containerfile, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "CONTAINERS_CONF": str(ROOT / ".tools" / "containers.conf")})
+    assert done.returncode == 0, done.stderr
+    return image
+
+
+@full_only
+def test_full_serves_the_embedded_default_after_its_first_start_export(full_image, photos):
+    container = Container(full_image)  # the image's own command: serve --host 0.0.0.0
+    try:
+        address = container.port(50051)
+        cold_start = container.wait_serving(address, timeout=600)
+        record_number("full: container start to SERVING, first-start ONNX export included, s", round(cold_start, 1))
+        assert classify_top1(address, photos["coffee.jpg"]) == 967
+        record_number("full: RSS in the container MiB", round(container.rss_mib()))
+        assert container.stop() == 0
+    finally:
+        container.remove()
+
+
+@full_only
+@pytest.mark.timeout(1500)
+def test_full_worker_runs_a_download_and_a_fine_tune_submitted_from_the_host(full_image, redis_image, tmp_path):
+    from test_jobs_helpers import Site
+
+    from training.shapes import generate, url_line
+
+    redis = Container(redis_image, "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "", "--appendonly", "no",
+                      publish=(6379,))
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, 10001, 10001)
+    site = Site()
+    containers = [redis]
+    try:
+        redis_url = f"redis://{redis.port(6379)}/0"
+        namespace = f"img{uuid.uuid4().hex[:6]}"
+        jobs_port = _free_port()
+        # The Jobs service and the worker on the host's network: the site they fetch from is on its loopback.
+        common = ("--network", "host", "-v", f"{data}:/data")
+        containers.append(Container(full_image, "serve", "--services", "jobs", "--host", "127.0.0.1", "--port", str(jobs_port),
+                                    "--metrics-port", "0", "--redis-url", redis_url, "--jobs-namespace", namespace,
+                                    run_args=common, publish=()))
+        containers.append(Container(full_image, "worker", "--queues", "download,train", "--redis-url", redis_url,
+                                    "--namespace", namespace, "--allow-private-addresses", "127.0.0.0/8",
+                                    "--registry-uri", "sqlite:////data/registry.db", "--registry-artifact-root", "/data/artifacts",
+                                    "--work-dir", "/data/work", "--host", "127.0.0.1", "--metrics-port", "0",
+                                    run_args=common, publish=()))
+        lines = []
+        for sample in generate(64, seed=0):
+            site.files[f"/shapes/{sample.name}"] = (sample.png(), "image/png")
+            lines.append(url_line(site.url(f"/shapes/{sample.name}"), sample.labels))
+        (tmp_path / "urls.txt").write_text("\n".join(lines) + "\n")
+        target = ("--target", f"127.0.0.1:{jobs_port}")
+        _wait_jobs_serving(f"127.0.0.1:{jobs_port}")
+        for submit in (("submit-download", "--urls", str(tmp_path / "urls.txt"), "--out", "/data/set"),
+                       ("submit-finetune", "--task", "tagging", "--data", "/data/set", "--base", "efficientnet_lite0",
+                        "--name", "image-shapes", "--epochs", "1", "--workers", "0")):
+            done = _vision("jobs", *target, *submit)
+            assert done.returncode == 0, done.stderr
+            waited = _vision("jobs", *target, "wait", done.stdout.split()[-1], "--max-wait", "900", timeout=960)
+            assert waited.returncode == 0, waited.stdout + waited.stderr + "\n".join(c.logs()[-3000:] for c in containers)
+        assert (data / "registry.db").is_file()
+    finally:
+        site.close()
+        for container in reversed(containers):
+            container.remove()
+
+
+def _vision(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vision.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _wait_jobs_serving(address: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with grpc.insecure_channel(address) as channel:
+                status = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service="vision.v1.Jobs"), timeout=2).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"the Jobs service at {address} did not turn SERVING")
