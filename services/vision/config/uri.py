@@ -97,7 +97,10 @@ def default_registry_uri() -> str:
 
 
 def default_artifact_root(registry_uri: str) -> str:
-    """Beside a SQLite file (`<dir>/artifacts`); under the data directory for any other store."""
+    """Beside a SQLite file (`<dir>/artifacts`); through an MLflow tracking server, the server's own proxied
+    store (`mlflow server --serve-artifacts`); under the data directory for any other store."""
+    if registry_uri.startswith(("http://", "https://")):
+        return "mlflow-artifacts:/"
     if registry_uri.startswith("sqlite:///"):
         db = Path(registry_uri.removeprefix("sqlite:///"))
         return (db.parent / "artifacts").resolve().as_uri()

@@ -4,7 +4,8 @@ MLflow keeps the versions, aliases, tags, runs and artifacts; this module adds t
 (vision.registry.package) with its sha256 recorded in the version's tags, golden outputs, an alias
 history per alias (so `rollback` knows where an alias was before), name checks and clear errors.
 
-Stores: `sqlite:///PATH` (the default, under the user's data directory) or `postgresql://...`; artifacts in
+Stores: `sqlite:///PATH` (the default, under the user's data directory), `postgresql://...`, or an MLflow
+tracking server `http(s)://HOST:PORT` (the chart's; artifacts then go through its proxied store); artifacts in
 a filesystem root (a PVC on Kubernetes) or any artifact store MLflow supports, set explicitly as the
 artifact location of the registry's experiment so that nothing lands in the current directory.
 MLflow is imported here only, and only when a store is opened.
@@ -69,6 +70,16 @@ def probe(uri: str, timeout_s: float = 3.0) -> None:
         if not Path(uri.removeprefix("sqlite:///")).is_file():
             raise RegistryError(f"registry database {uri.removeprefix('sqlite:///')} does not exist")
         return
+    if uri.startswith(("http://", "https://")):
+        from urllib.parse import urlsplit
+
+        server = urlsplit(uri)
+        port = server.port or (443 if server.scheme == "https" else 80)
+        try:
+            socket.create_connection((server.hostname or "", port), timeout=timeout_s).close()
+        except OSError as exc:
+            raise RegistryError(f"cannot reach the MLflow tracking server at {server.hostname}:{port}: {exc}") from None
+        return
     from sqlalchemy.engine import make_url
 
     try:
@@ -131,12 +142,13 @@ class RegistryStore:
 
     def __init__(self, uri: str | None = None, artifact_root: str | None = None) -> None:
         self.uri = uri or default_registry_uri()
-        if not (self.uri.startswith("sqlite:///") or self.uri.startswith(("postgresql://", "postgresql+", "mysql", "mssql"))):
+        if not self.uri.startswith(("sqlite:///", "postgresql://", "postgresql+", "mysql", "mssql", "http://", "https://")):
             raise InvalidRegistryUri(
-                f"registry URI {redact(self.uri)!r}: use sqlite:///ABSOLUTE/PATH.db or postgresql://USER@HOST:PORT/DB"
+                f"registry URI {redact(self.uri)!r}: use sqlite:///ABSOLUTE/PATH.db, postgresql://USER@HOST:PORT/DB "
+                "or an MLflow tracking server http(s)://HOST:PORT"
             )
         root = artifact_root or default_artifact_root(self.uri)
-        if "://" not in root:
+        if "://" not in root and not root.startswith("mlflow-artifacts:"):
             root = Path(root).expanduser().resolve().as_uri()
         self.artifact_root = root
         _quiet_mlflow()
