@@ -79,6 +79,12 @@ def test_unrelated_features_give_few_inliers_and_too_few_none():
     two = _features(np.array([[0.0, 0.0], [5.0, 5.0]]), a.descriptors[:2])
     result = match(two, two)
     assert result.inliers == 0 and result.transform is None and len(result.putative) == 2
+    # Three pairs always fit an affine map exactly; the reference (image_reranking.MatchFeatures) scores
+    # 3 or fewer putative matches 0, and so does this.
+    three = _features(np.array([[0.0, 0.0], [50.0, 5.0], [9.0, 70.0]]), a.descriptors[:3])
+    assert match(three, three).inliers == 0 and len(match(three, three).putative) == 3
+    four = _features(np.array([[0.0, 0.0], [50.0, 5.0], [9.0, 70.0], [40.0, 40.0]]), a.descriptors[:4])
+    assert match(four, four).inliers == 4
     transform, inliers = verify(np.zeros((0, 2)), np.zeros((0, 2)))
     assert transform is None and inliers.shape == (0,)
 
@@ -121,6 +127,22 @@ def test_residual_threshold_and_trials_matter():
 def test_bad_match_options_name_the_parameter(kwargs, message):
     with pytest.raises(InvalidArgument, match=message):
         MatchOptions(**kwargs)
+
+
+def test_rerank_fits_the_candidate_onto_the_query_so_residuals_are_in_query_pixels():
+    # A candidate at a quarter of the query's scale: query = 4 x candidate, half the keypoints then moved 24 px
+    # (random directions) in the query. The reference fits index image -> query: residual 24 px > 10, outliers.
+    # The reverse fit would measure 6 px in the candidate and call all of them inliers.
+    rng = np.random.default_rng(3)
+    candidate_xy = rng.uniform(0, 300, (40, 2))
+    query_xy = 4.0 * candidate_xy
+    angles = rng.uniform(0, 2 * np.pi, 20)
+    query_xy[::2] += 24.0 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    descriptors = _unit(rng.standard_normal((40, 40)))
+    query, candidate = _features(query_xy, descriptors), _features(candidate_xy, descriptors)
+    ((_, inliers),) = rerank(query, [candidate], MatchOptions(max_descriptor_distance=0.9, residual_threshold=10.0))
+    assert inliers == 20
+    assert match(query, candidate, MatchOptions(residual_threshold=10.0)).inliers > 30  # the other direction
 
 
 def test_rerank_moves_verified_candidates_up_and_keeps_ties_in_order():

@@ -17,7 +17,15 @@ from conftest import ServerProcess, encode, metric_value, photo, scrape
 from vision.core.errors import InvalidArgument
 from vision.api.codec import decode_descriptor
 from vision.tasks import features as F
-from vision.evaluation.retrieval import GroundTruth, Query, average_precision, evaluate, load_ground_truth
+from vision.evaluation.retrieval import (
+    GroundTruth,
+    Query,
+    average_precision,
+    evaluate,
+    load_ground_truth,
+    precision_at,
+    protocol_precision_at,
+)
 from vision.v1 import common_pb2, features_pb2, features_pb2_grpc
 
 # --- poolings ------------------------------------------------------------------------------------------
@@ -123,6 +131,20 @@ def test_oxford_ap_by_hand():
     assert np.isnan(average_precision(["a"], frozenset(), frozenset()))
 
 
+def test_protocol_precision_lowers_k_to_the_last_positive_as_revisitop():
+    # revisitop compute_map: pos = 1-based ranks of the positives after junk removal, kq = min(max(pos), k),
+    # precision = #(pos <= kq) / kq. Positives at ranks 1 and 3 (junk j removed before counting):
+    ranked, positives, junk = ["a", "j", "x", "b", "y", "z"], frozenset("ab"), frozenset("j")
+    assert protocol_precision_at(ranked, positives, junk, 1) == 1.0
+    assert protocol_precision_at(ranked, positives, junk, 5) == pytest.approx(2 / 3)
+    assert protocol_precision_at(ranked, positives, junk, 10) == pytest.approx(2 / 3)
+    assert precision_at(ranked, positives, junk, 5) == pytest.approx(2 / 5)  # plain P@5
+    # The last positive beyond k: kq = k, the plain precision.
+    late = ["a", "x", "y", "z", "w", "v", "b"]
+    assert protocol_precision_at(late, positives, frozenset(), 5) == precision_at(late, positives, frozenset(), 5) == 0.2
+    assert protocol_precision_at(["x", "y"], positives, frozenset(), 5) == 0.0  # no positive ranked
+
+
 def test_revisited_settings_and_mean_precision(tmp_path):
     gnd = {"imlist": ["e", "h", "j", "n"], "qimlist": ["q"], "gnd": [{"easy": [0], "hard": [1], "junk": [2], "bbx": [0, 0, 5, 5]}]}
     (tmp_path / "gnd.json").write_text(json.dumps(gnd))
@@ -135,7 +157,10 @@ def test_revisited_settings_and_mean_precision(tmp_path):
     assert report.scores["easy"]["mAP"] == pytest.approx(100.0)
     assert report.scores["hard"]["mAP"] == pytest.approx(100.0)
     assert report.scores["medium"]["mAP"] == pytest.approx(100.0)
-    assert report.scores["medium"]["mP@5"] == pytest.approx(40.0)
+    # Medium without junk j ranks h, e, n: both positives by rank 2, so the protocol's k drops to 2 (mP@5 100),
+    # while plain P@5 divides by 5.
+    assert report.scores["medium"]["mP@5"] == pytest.approx(100.0)
+    assert report.scores["medium"]["P@5"] == pytest.approx(40.0)
     # The only positive ranked 4th: precision fell to 0 over three misses, so the trapezoid from (0, 0) to
     # (1, 1/4) gives 1/8 (a step-curve AP would say 1/4).
     last = GroundTruth((), (Query("q", None, {"oxford": (frozenset({"n"}), frozenset())}),), ("oxford",))

@@ -8,7 +8,10 @@
 - Revisited protocol (Radenović et al., CVPR 2018): each query has easy, hard and junk images. Easy:
   positives = easy, junk = junk + hard. Medium: positives = easy + hard, junk = junk. Hard: positives =
   hard, junk = junk + easy. Queries without positives in a setting are left out of its mean.
-- mP@k: precision among the first k (junk removed), averaged over queries.
+- mP@k: the Revisited protocol's (revisitop `compute_map`): junk removed, k is lowered per query to the rank of
+  its last positive, `kq = min(rank of the last positive, k)`, and the precision is taken among the first kq,
+  so a query with 2 positives both at the top scores 100 at k = 5. Comparable with published numbers.
+- P@k: plain precision among the first k (junk removed, always divided by k), averaged over queries.
 
 Ground truth comes as an Oxford folder (`<query>_query.txt` with `oxc1_<image> x1 y1 x2 y2`,
 `<query>_good.txt`, `_ok.txt`, `_junk.txt`) or a Revisited file (the official `gnd_*.pkl`, or the same
@@ -67,8 +70,19 @@ def average_precision(ranked: Sequence[str], positives: frozenset[str], junk: fr
 
 
 def precision_at(ranked: Sequence[str], positives: frozenset[str], junk: frozenset[str], k: int) -> float:
+    """Plain precision among the first k non-junk names (P@k)."""
     kept = itertools.islice((name for name in ranked if name not in junk), k)
     return sum(name in positives for name in kept) / k
+
+
+def protocol_precision_at(ranked: Sequence[str], positives: frozenset[str], junk: frozenset[str], k: int) -> float:
+    """The Revisited protocol's precision at k (mP@k once averaged): among the first kq = min(rank of the last
+    positive, k) non-junk names. A ranking that holds no positive scores 0."""
+    ranks = [rank for rank, name in enumerate((n for n in ranked if n not in junk), start=1) if name in positives]
+    if not ranks:
+        return 0.0
+    kq = min(ranks[-1], k)
+    return sum(rank <= kq for rank in ranks) / kq
 
 
 def rank(database: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -78,7 +92,7 @@ def rank(database: np.ndarray, queries: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class RetrievalReport:
-    # setting -> {"mAP": ..., "mP@1": ..., ...}, values in percent as the papers report them.
+    # setting -> {"mAP": ..., "mP@1": ..., ..., "P@1": ...}, values in percent as the papers report them.
     scores: dict[str, dict[str, float]]
     per_query_ap: dict[str, list[float]]
 
@@ -94,6 +108,7 @@ def evaluate_ranked(gt: GroundTruth, ranked_names: Sequence[Sequence[str]]) -> R
     cosine similarity, or a re-ranking by local-feature inliers)."""
     aps: dict[str, list[float]] = {setting: [] for setting in gt.settings}
     precisions = {setting: {k: [] for k in TOP_K} for setting in gt.settings}
+    plain = {setting: {k: [] for k in TOP_K} for setting in gt.settings}
     for query, ranked in zip(gt.queries, ranked_names, strict=True):
         for setting in gt.settings:
             positives, junk = query.settings[setting]
@@ -101,7 +116,8 @@ def evaluate_ranked(gt: GroundTruth, ranked_names: Sequence[Sequence[str]]) -> R
                 continue
             aps[setting].append(average_precision(ranked, positives, junk))
             for k in TOP_K:
-                precisions[setting][k].append(precision_at(ranked, positives, junk, k))
+                precisions[setting][k].append(protocol_precision_at(ranked, positives, junk, k))
+                plain[setting][k].append(precision_at(ranked, positives, junk, k))
     scores: dict[str, dict[str, float]] = {}
     for setting in gt.settings:
         values = aps[setting]
@@ -109,6 +125,7 @@ def evaluate_ranked(gt: GroundTruth, ranked_names: Sequence[Sequence[str]]) -> R
         scores[setting].update(
             {f"mP@{k}": 100 * float(np.mean(v)) if v else float("nan") for k, v in precisions[setting].items()}
         )
+        scores[setting].update({f"P@{k}": 100 * float(np.mean(v)) if v else float("nan") for k, v in plain[setting].items()})
     return RetrievalReport(scores, aps)
 
 

@@ -5,7 +5,13 @@ with the search tool): a KD-tree (`scipy.spatial.cKDTree`) over image A's descri
 of image B's descriptors, with a distance bound of 0.8 (`_DISTANCE_THRESHOLD`); the putative pairs are
 verified by `skimage.measure.ransac` with `skimage.transform.AffineTransform`, `min_samples=3`,
 `residual_threshold=20` (pixels), `max_trials=1000`. RANSAC's generator is seeded, so the same features
-always give the same answer. The inlier count is the match score (and what re-ranking sorts by).
+always give the same answer. The inlier count is the match score (and what re-ranking sorts by). As the
+reference's `image_reranking.MatchFeatures`, 3 or fewer putative pairs score 0 inliers: an affine map has 6
+unknowns, so 3 pairs always fit exactly and verify nothing.
+
+Re-ranking runs the way `image_reranking.MatchFeatures` does, not match_images.py's: the tree is built over
+the index (candidate) image's descriptors and queried with the query's, and RANSAC fits index image → query,
+so the residual threshold is in the query image's pixels, the same for every candidate of one query.
 
 Pure numpy/scipy/scikit-image; no gRPC.
 """
@@ -102,7 +108,7 @@ def verify(src: np.ndarray, dst: np.ndarray, options: MatchOptions = MatchOption
     """RANSAC affine fit of src → dst (N, 2 each): (3x3 matrix or None, boolean inlier mask)."""
     _, ransac, AffineTransform = _matching_libraries()
     none = np.zeros(len(src), dtype=bool)
-    if len(src) < RANSAC_MIN_SAMPLES:
+    if len(src) <= RANSAC_MIN_SAMPLES:
         return None, none
     with warnings.catch_warnings():
         # Degenerate samples (collinear points) make single trials fail with a warning; RANSAC moves on.
@@ -142,8 +148,9 @@ def rerank(
     query: DelfFeatures, candidates: Sequence[DelfFeatures], options: MatchOptions = MatchOptions()
 ) -> list[tuple[int, int]]:
     """(candidate index, inliers) by inliers, most first; ties keep the given (e.g. global-descriptor)
-    order, so re-ranking a shortlist only moves candidates that DELF verifies better."""
-    counts = [match(query, c, options).inliers for c in candidates]
+    order, so re-ranking a shortlist only moves candidates that DELF verifies better. Each candidate is
+    matched onto the query (`match(candidate, query)`: residuals in the query's pixels), as the reference."""
+    counts = [match(c, query, options).inliers for c in candidates]
     order = sorted(range(len(candidates)), key=lambda i: -counts[i])
     return [(i, counts[i]) for i in order]
 
