@@ -10,8 +10,9 @@ service extracts every database image and query once; then each query's top --to
 by the number of RANSAC inliers between the query and the candidate (ties keep the global order), as the
 reference's `detect_to_retrieve/image_reranking.py` (`RerankByGeometricVerification`) does; its matching
 there uses a descriptor distance of 0.9 and a 10-px RANSAC threshold (the defaults here; the Match RPC's
-are `match_images.py`'s 0.8 and 20 px). Prints mAP and mP@k before and after (Oxford protocol, the
-evaluator's `average_precision`).
+are `match_images.py`'s 0.8 and 20 px). Each candidate is fitted onto the query, as the reference's
+`MatchFeatures`. Prints mAP (Oxford AP, the evaluator's `average_precision`) and mP@k (revisitop's protocol:
+k lowered to the last positive's rank) before and after.
 """
 
 from __future__ import annotations

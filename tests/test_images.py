@@ -95,10 +95,11 @@ def exported_repository(tmp_path_factory) -> Path:
 class Container:
     """One container of ours, by name: started detached, stopped with SIGTERM, always removed."""
 
-    def __init__(self, image: str, *args: str, run_args: tuple[str, ...] = (), publish: tuple[int, ...] = (50051, 9464)) -> None:
+    def __init__(self, image: str, *args: str, run_args: tuple[str, ...] = (), publish: tuple[int, ...] = (50051, 9464),
+                 user: str = "10001:10001") -> None:
         self.name = f"vision-test-{uuid.uuid4().hex[:8]}"
         ports = [f"-p127.0.0.1::{p}" for p in publish]
-        podman("run", "-d", "--name", self.name, "--user", "10001:10001", "--read-only",
+        podman("run", "-d", "--name", self.name, "--user", user, "--read-only",
                "--tmpfs", "/tmp:rw,U", "--tmpfs", "/var/cache/vision:rw,U", *ports, *run_args, image, *args)
 
     def port(self, inside: int) -> str:
@@ -139,6 +140,23 @@ class Container:
 
     def remove(self) -> None:
         podman("rm", "--force", "--time", "0", self.name, check=False)
+
+
+class Pod:
+    """A podman pod: its containers share one network namespace (localhost), as a Kubernetes pod's do, and
+    the host reaches them only through the ports published on 127.0.0.1 when the pod is made."""
+
+    def __init__(self, *publish: int) -> None:
+        self.name = f"vision-test-pod-{uuid.uuid4().hex[:8]}"
+        podman("pod", "create", "--name", self.name, *[f"-p127.0.0.1::{p}" for p in publish])
+        self.infra = podman("pod", "inspect", "--format", "{{.InfraContainerID}}", self.name).stdout.strip()
+
+    def port(self, inside: int) -> str:
+        out = podman("port", self.infra, str(inside)).stdout.strip().splitlines()[0]
+        return out.replace("0.0.0.0", "127.0.0.1")
+
+    def remove(self) -> None:
+        podman("pod", "rm", "--force", "--time", "0", self.name, check=False, timeout=120)
 
 
 def classify_top1(address: str, image: bytes) -> int:
@@ -305,19 +323,32 @@ def full_image() -> str:
     return FULL
 
 
-@pytest.fixture(scope="session")
-def redis_image(slim_image) -> str:
-    """Redis from Debian's package on the same base (no registry is reachable for redis:7)."""
-    image = f"{REPOSITORY}-redis:{TAG}"
+def debian_service_image(name: str, packages: str, user: str, entrypoint: str) -> str:
+    """A server from Debian's package on the same base (no registry is reachable for redis:7 or postgres:16)."""
+    image = f"{REPOSITORY}-{name}:{TAG}"
     base = "localhost/vision-base:bookworm"
     if podman("image", "exists", base, check=False).returncode != 0:
         base = "python:3.11.11-slim-bookworm"
-    containerfile = (f"FROM {base}\nRUN apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server "
-                     "&& rm -rf /var/lib/apt/lists/*\nUSER redis\nENTRYPOINT [\"redis-server\"]\n")
+    containerfile = (f"FROM {base}\nRUN apt-get update -qq && apt-get install -y -qq --no-install-recommends {packages} "
+                     f"&& rm -rf /var/lib/apt/lists/*\nUSER {user}\nENTRYPOINT {entrypoint}\n")
     done = subprocess.run(["podman", "build", "--quiet", "-t", image, "-"], input=containerfile, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "CONTAINERS_CONF": str(ROOT / ".tools" / "containers.conf")})
     assert done.returncode == 0, done.stderr
     return image
+
+
+@pytest.fixture(scope="session")
+def redis_image(slim_image) -> str:
+    return debian_service_image("redis", "redis-server", "redis", '["redis-server"]')
+
+
+@pytest.fixture(scope="session")
+def postgres_image(slim_image) -> str:
+    """PostgreSQL 15, a fresh trust-auth cluster in the container's /tmp (the chart's StatefulSet keeps a PVC)."""
+    start = ("initdb -D /tmp/pgdata -U postgres --auth=trust --encoding=UTF8 --locale=C >/dev/null && exec postgres -D /tmp/pgdata "
+             "-c listen_addresses=0.0.0.0 -c unix_socket_directories=/tmp")
+    return debian_service_image("postgres", "postgresql-15", "postgres",
+                                json.dumps(["/bin/sh", "-c", f"PATH=/usr/lib/postgresql/15/bin:$PATH; {start}"]))
 
 
 @full_only
@@ -400,3 +431,123 @@ def _wait_jobs_serving(address: str, timeout: float = 120) -> None:
             pass
         time.sleep(0.5)
     raise AssertionError(f"the Jobs service at {address} did not turn SERVING")
+
+
+MLFLOW = f"{REPOSITORY}:{TAG}-mlflow"
+MLFLOW_PORT = 5000
+
+
+@pytest.fixture(scope="session")
+def mlflow_image(slim_image) -> str:
+    line = build("mlflow")
+    record_number("mlflow: image size MB", int(re.search(r"(\d+) MB", line).group(1)))
+    return MLFLOW
+
+
+@pytest.fixture(scope="session")
+def registry_pod(mlflow_image, postgres_image):
+    """The chart's registry: PostgreSQL and the mlflow image's tracking server (started with the chart's
+    arguments: PostgreSQL backend store, proxied artifacts), in one pod that publishes the tracking port and
+    the gRPC port of a served container that may join it later."""
+    pod = Pod(MLFLOW_PORT, 50051)
+    try:
+        Container(postgres_image, run_args=("--pod", pod.name), publish=(), user="postgres")
+        _wait_port_in_pod(pod, postgres_image)
+        Container(mlflow_image, "server", "--host", "0.0.0.0", "--port", str(MLFLOW_PORT),
+                  "--backend-store-uri", "postgresql://postgres@127.0.0.1:5432/postgres",
+                  "--artifacts-destination", "/models/mlflow-artifacts", "--serve-artifacts",
+                  run_args=("--pod", pod.name, "--tmpfs", "/models:rw,U"), publish=())
+        uri = f"http://{pod.port(MLFLOW_PORT)}"
+        _wait_http_ok(f"{uri}/health", timeout=180, pod=pod)
+        yield pod, uri
+    finally:
+        pod.remove()
+
+
+def _wait_port_in_pod(pod: Pod, postgres_image: str, timeout: float = 120) -> None:
+    """PostgreSQL accepts connections (pg_isready from inside the pod; its port is not published)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = podman("run", "--rm", "--pod", pod.name, "--user", "postgres", "--entrypoint", "/usr/bin/pg_isready",
+                      postgres_image, "-h", "127.0.0.1", "-p", "5432", check=False)
+        if done.returncode == 0:
+            return
+        time.sleep(1)
+    raise AssertionError(f"PostgreSQL in pod {pod.name} did not accept connections")
+
+
+def _wait_http_ok(url: str, timeout: float, pod: Pod) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    logs = podman("pod", "logs", pod.name, check=False)
+    raise AssertionError(f"{url} did not answer 200 within {timeout}s:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
+
+
+def _registry(uri: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return _vision("registry", "--registry-uri", uri, *args, timeout=timeout)
+
+
+def test_mlflow_image_next_to_postgresql_registers_and_promotes_from_the_host(registry_pod, exported_repository, tmp_path):
+    """`vision registry` on the host against the mlflow container (PostgreSQL store, proxied artifacts): the
+    version's files travel through the server, and verify downloads them back through it."""
+    _pod, uri = registry_pod
+    spec = f"arch={MODEL},onnx={exported_repository / MODEL / '1' / 'model.onnx'}"
+    started = time.monotonic()
+    done = _registry(uri, "register", "img-lite", "--model", spec, "--json")
+    assert done.returncode == 0, done.stderr
+    record_number("mlflow: register over HTTP (ONNX given, golden outputs recorded) s", round(time.monotonic() - started, 1))
+    assert json.loads(done.stdout)["version"] == "1"
+    promoted = _registry(uri, "promote", "img-lite", "1", "--alias", "production")
+    assert promoted.returncode == 0, promoted.stderr
+    shown = json.loads(_registry(uri, "show", "img-lite", "--json").stdout)
+    assert shown["aliases"] == {"production": "1"}, shown
+    # verify: the package comes back through the server's artifact proxy, sha256s and the gate hold.
+    verified = _registry(uri, "verify", "img-lite", "1")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    # A bad request to a real server is one clear line, not a traceback.
+    missing = _registry(uri, "promote", "img-lite", "9", "--alias", "production")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr and "9" in missing.stderr, missing.stderr
+
+
+@full_only
+@pytest.mark.timeout(1200)
+def test_a_served_full_container_follows_production_in_the_mlflow_container(full_image, registry_pod, exported_repository, photos):
+    """The full image serving `models:/NAME@production` from the tracking server in its pod switches to the
+    version `promote` (on the host) points the alias at."""
+    pod, uri = registry_pod
+    spec = f"arch={MODEL},onnx={exported_repository / MODEL / '1' / 'model.onnx'}"
+    for _ in range(2):
+        done = _registry(uri, "register", "img-follow", "--model", spec)
+        assert done.returncode == 0, done.stderr
+    assert _registry(uri, "promote", "img-follow", "1", "--alias", "production").returncode == 0
+    served = Container(full_image, "serve", "--host", "0.0.0.0", "--model", "models:/img-follow@production",
+                       "--registry-uri", f"http://127.0.0.1:{MLFLOW_PORT}", "--registry-poll-s", "1",
+                       run_args=("--pod", pod.name), publish=())
+    address = pod.port(50051)
+    served.wait_serving(address, timeout=300)
+    assert _served_version(address, photos["coffee.jpg"]) == ("1", 967)
+    assert _registry(uri, "promote", "img-follow", "2", "--alias", "production").returncode == 0
+    moved = time.monotonic()
+    while time.monotonic() - moved < 120:
+        if _served_version(address, photos["coffee.jpg"]) == ("2", 967):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"still not serving version 2 after 120 s:\n{served.logs()[-3000:]}")
+    record_number("mlflow: alias move -> the container answers with the new version, s", round(time.monotonic() - moved, 1))
+    assert served.stop() == 0
+
+
+def _served_version(address: str, image: bytes) -> tuple[str, int]:
+    with grpc.insecure_channel(address) as channel:
+        reply = classification_pb2_grpc.ClassificationStub(channel).Classify(classify_request(image, top_k=1), timeout=60)
+    return reply.model.version, reply.results[0].predictions[0].index

@@ -188,7 +188,8 @@ class ServeSettings(BaseSettings):
     )
     registry_uri: str | None = Field(
         None,
-        description="Model registry store (MLflow): sqlite:///PATH.db or postgresql://USER@HOST:PORT/DB; default: a "
+        description="Model registry store (MLflow): sqlite:///PATH.db, postgresql://USER@HOST:PORT/DB or an MLflow "
+        "tracking server http(s)://HOST:PORT (artifacts through its proxy); default: a "
         "SQLite file under the user's data directory ($XDG_DATA_HOME/vision-serving/registry).",
     )
     registry_artifact_root: str | None = Field(

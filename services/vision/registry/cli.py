@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--registry-uri", default=os.environ.get("VISION_REGISTRY_URI"),
-        help="registry store: sqlite:///PATH.db or postgresql://USER@HOST:PORT/DB [env VISION_REGISTRY_URI; default "
+        help="registry store: sqlite:///PATH.db, postgresql://USER@HOST:PORT/DB or an MLflow tracking server "
+        "http(s)://HOST:PORT [env VISION_REGISTRY_URI; default "
         "a SQLite file under $XDG_DATA_HOME/vision-serving/registry]",
     )
     parser.add_argument(

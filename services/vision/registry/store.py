@@ -130,6 +130,9 @@ def _quiet_mlflow() -> None:
     import warnings
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Against a tracking server MLflow writes "View run ... at: URL" to stdout when a run ends, which would
+    # corrupt `vision registry ... --json` and anything else a command prints for a program to read.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # MLflow 3.17's tracking store configures a `noload` relationship that SQLAlchemy 2.1 deprecates.
     warnings.filterwarnings("ignore", message=".*noload.*", module="mlflow")
     warnings.filterwarnings("ignore", message=".*noload.*")
@@ -438,7 +441,10 @@ class RegistryStore:
             files.atomic_path(dest, fsync=False) as staged,
         ):
             try:
-                got = Path(download_artifacts(artifact_uri=info.source, dst_path=staging))
+                # mlflow-artifacts:/ sources resolve against a tracking server: this store's, not MLflow's
+                # process-wide tracking URI (which this class never sets).
+                server = self.uri if self.uri.startswith(("http://", "https://")) else None
+                got = Path(download_artifacts(artifact_uri=info.source, dst_path=staging, tracking_uri=server))
             except Exception as exc:
                 raise RegistryError(f"model {name!r} version {info.version}: cannot download {info.source}: {_message(exc)}") from None
             package = pkg.load(got, expected)  # raises ArtifactCorrupted
