@@ -2,8 +2,8 @@
 read-only root filesystem, tmpfs where the chart mounts emptyDirs, reached only through published loopback
 ports (or, to reach a Triton on the host's loopback, the host's network), answers checked with the real client.
 
-The slim image is built and tested in every run (CI installs podman); the full image's tests (about 8 min to
-build, 6.8 GB) run with VISION_IMAGE_TESTS=full. Without podman every test here is skipped, saying why.
+The slim and mlflow images are built and tested in every run (CI installs podman); the full image's tests
+(about 10 min to build, 6.5 GB) run with VISION_IMAGE_TESTS=full. Without podman every test here is skipped, saying why.
 Numbers (sizes, cold start, RSS) print as `[image numbers]` lines; VISION_IMAGE_NUMBERS=FILE.json keeps them.
 """
 
@@ -308,12 +308,12 @@ def test_the_dev_cpu_charts_workloads_run_under_podman_kube_play(slim_image, exp
 
 
 # --------------------------------------------------------------------------------------
-# The full image (VISION_IMAGE_TESTS=full: ~8 min to build, 6.6 GB)
+# The full image (VISION_IMAGE_TESTS=full: ~10 min to build, 6.5 GB)
 # --------------------------------------------------------------------------------------
 
 FULL = f"{REPOSITORY}:{TAG}"
 full_only = pytest.mark.skipif(os.environ.get("VISION_IMAGE_TESTS") != "full",
-                               reason="the full image's tests are opt-in: VISION_IMAGE_TESTS=full (an 8-minute, 6.6 GB build)")
+                               reason="the full image's tests are opt-in: VISION_IMAGE_TESTS=full (a 10-minute, 6.5 GB build)")
 
 
 @pytest.fixture(scope="session")
