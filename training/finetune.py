@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from vision.core import metrics as prom
+from vision.core import tracing
 from vision.jobs.runtime import JobFailed
 
 from training.common import (
@@ -393,46 +394,47 @@ class Trainer:
                         opt.load_state_dict(state)
                 opt_state = None
                 stage_now = stage
-            torch.manual_seed(o.seed * 7919 + epoch)
-            started = time.monotonic()
-            train_loss, images = self._train_epoch(
-                tapped, emb_index, model, optimizers, loss_fn, centers, epoch, augment
-            )
-            train_seconds = time.monotonic() - started
-            run.progress(message=f"epoch {epoch}: validating", force=True)
-            scores = self._validate(tapped, emb_index, loss_fn)
-            scores.update(
-                train_loss=train_loss, train_images_per_s=images / train_seconds if train_seconds else 0.0
-            )
-            epoch_seconds = time.monotonic() - started
-            prom.TRAIN_EPOCH_SECONDS.labels(task=self.task).observe(epoch_seconds)
-            # Training time so far, over every attempt (what "time to micro-F1 >= 0.9" is read from).
-            ckpt.extra["elapsed_s"] = ckpt.extra.get("elapsed_s", 0.0) + epoch_seconds
-            scores.update(epoch_s=epoch_seconds, elapsed_s=ckpt.extra["elapsed_s"])
-            thresholds = scores.pop("_thresholds", None)
-            ckpt.history.append({"epoch": epoch, **scores})
-            best = next((h for h in ckpt.history if h["epoch"] == ckpt.best_epoch), None)
-            if best is None or selection_key(self.task, scores) > selection_key(self.task, best):
-                ckpt.best_score, ckpt.best_epoch = scores[SELECTED_BY[self.task]], epoch
-                atomic_save({"state_dict": _cpu_state(model), "thresholds": thresholds}, self.best_path)
-            ckpt.epoch, ckpt.stage = epoch, stage
-            self._log(client, ckpt.run_id, scores, epoch)
-            state = {
-                "model": _cpu_state(model),
-                "state": asdict(ckpt),
-                "optimizers": [opt.state_dict() for opt in optimizers],
-            }
-            if centers is not None:
-                state["centers"] = centers.detach().cpu()
-            atomic_save(state, self.ckpt_path)
-            shown = {k: v for k, v in scores.items() if isinstance(v, float)}
-            run.progress(
-                epoch=epoch,
-                epochs=self.total_epochs,
-                metrics=shown,
-                force=True,
-                message=f"epoch {epoch}/{self.total_epochs} done ({stage}); best epoch {ckpt.best_epoch}",
-            )
+            with tracing.span("epoch", {"vision.epoch": epoch, "vision.epochs": self.total_epochs, "vision.stage": stage}):
+                torch.manual_seed(o.seed * 7919 + epoch)
+                started = time.monotonic()
+                train_loss, images = self._train_epoch(
+                    tapped, emb_index, model, optimizers, loss_fn, centers, epoch, augment
+                )
+                train_seconds = time.monotonic() - started
+                run.progress(message=f"epoch {epoch}: validating", force=True)
+                scores = self._validate(tapped, emb_index, loss_fn)
+                scores.update(
+                    train_loss=train_loss, train_images_per_s=images / train_seconds if train_seconds else 0.0
+                )
+                epoch_seconds = time.monotonic() - started
+                prom.TRAIN_EPOCH_SECONDS.labels(task=self.task).observe(epoch_seconds)
+                # Training time so far, over every attempt (what "time to micro-F1 >= 0.9" is read from).
+                ckpt.extra["elapsed_s"] = ckpt.extra.get("elapsed_s", 0.0) + epoch_seconds
+                scores.update(epoch_s=epoch_seconds, elapsed_s=ckpt.extra["elapsed_s"])
+                thresholds = scores.pop("_thresholds", None)
+                ckpt.history.append({"epoch": epoch, **scores})
+                best = next((h for h in ckpt.history if h["epoch"] == ckpt.best_epoch), None)
+                if best is None or selection_key(self.task, scores) > selection_key(self.task, best):
+                    ckpt.best_score, ckpt.best_epoch = scores[SELECTED_BY[self.task]], epoch
+                    atomic_save({"state_dict": _cpu_state(model), "thresholds": thresholds}, self.best_path)
+                ckpt.epoch, ckpt.stage = epoch, stage
+                self._log(client, ckpt.run_id, scores, epoch)
+                state = {
+                    "model": _cpu_state(model),
+                    "state": asdict(ckpt),
+                    "optimizers": [opt.state_dict() for opt in optimizers],
+                }
+                if centers is not None:
+                    state["centers"] = centers.detach().cpu()
+                atomic_save(state, self.ckpt_path)
+                shown = {k: v for k, v in scores.items() if isinstance(v, float)}
+                run.progress(
+                    epoch=epoch,
+                    epochs=self.total_epochs,
+                    metrics=shown,
+                    force=True,
+                    message=f"epoch {epoch}/{self.total_epochs} done ({stage}); best epoch {ckpt.best_epoch}",
+                )
         return self._finish(client, ckpt)
 
     def _loss(self, torch: Any) -> Any:
@@ -690,21 +692,22 @@ class Trainer:
             log.warning("MLflow: could not upload the curves: %s", exc)
         best_scores = next(h for h in ckpt.history if h["epoch"] == ckpt.best_epoch)
         golden = [(p.name, p.read_bytes()) for p, _ in self.val_items[:4]]
-        version = register_version(
-            self.store,
-            run.params["name"],
-            spec,
-            run_id=ckpt.run_id,
-            golden=golden,
-            lineage={
-                "job_id": run.job_id,
-                "base_model": self.base.description,
-                "dataset_fingerprint": self.data.fingerprint(),
-            },
-            description=f"{self.task} fine-tune of {self.base.description} on {self.data.source}, epoch {ckpt.best_epoch} of "
-            f"{self.total_epochs}",
-            promote_to=run.params.get("promote_to") or "",
-        )
+        with tracing.span("registry.register", {"vision.model": run.params["name"], "vision.epoch": ckpt.best_epoch}):
+            version = register_version(
+                self.store,
+                run.params["name"],
+                spec,
+                run_id=ckpt.run_id,
+                golden=golden,
+                lineage={
+                    "job_id": run.job_id,
+                    "base_model": self.base.description,
+                    "dataset_fingerprint": self.data.fingerprint(),
+                },
+                description=f"{self.task} fine-tune of {self.base.description} on {self.data.source}, epoch {ckpt.best_epoch} of "
+                f"{self.total_epochs}",
+                promote_to=run.params.get("promote_to") or "",
+            )
         try:
             client.set_terminated(ckpt.run_id)
         except Exception:

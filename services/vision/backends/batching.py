@@ -29,6 +29,7 @@ from typing import Protocol
 import numpy as np
 
 from vision.backends.base import LOGITS, BatchingConfig, Outputs
+from vision.core import tracing
 from vision.core.errors import ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class _Pending:
     enqueued: float
     # Still counted in the queue depth (a withdrawn request stops counting at once, not when popped).
     counted: bool = True
+    # The caller's trace context (vision.core.tracing.capture), None when it is not traced.
+    trace: object = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,7 @@ class DynamicBatcher:
         self._max_queue = max_queue_images
         self._on_batch = on_batch
         self._on_queue_depth = on_queue_depth
+        self._name = name
         self._queue: collections.deque[_Pending] = collections.deque()
         self._queued_images = 0
         self._wakeup = asyncio.Event()
@@ -246,8 +250,9 @@ class DynamicBatcher:
             raise Unavailable("the inference worker has stopped; see the server log")
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
+        trace = tracing.capture()
         pendings = [
-            _Pending(chunk, outputs, loop.create_future(), now) for chunk in chunks(inputs, self._max_batch)
+            _Pending(chunk, outputs, loop.create_future(), now, trace=trace) for chunk in chunks(inputs, self._max_batch)
         ]
         # Admitted whole (the queue limit counts every image now), but queued one chunk at a time: the next
         # chunk joins the queue behind whatever arrived meanwhile, so a 1-image request waits for at most one
@@ -367,11 +372,34 @@ class DynamicBatcher:
 
         # One plan: the batch was formed of one input shape (_take_same_shape).
         plan = BatchPlan.of(batch, range(len(batch)))
+        traced = [p for p in batch if p.trace is not None]
+        if traced:
+            started_ns, started = tracing.now_ns(), time.perf_counter()
         stats = await run_plan(
             plan, self._run_batch, self._executor, deliver, withdrawn=lambda position: batch[position].future.done()
         )
         if stats is not None and self._on_batch is not None:
             self._on_batch(stats)
+        if traced:
+            self._trace(batch, traced, started_ns, started, tracing.now_ns())
+
+    def _trace(self, batch: list[_Pending], traced: list[_Pending], started_ns: int, started: float, end_ns: int) -> None:
+        """One `batch` span (under the first traced request, linked to every traced request) and, for each traced
+        request, its `queue` wait and its `inference`, linked to the batch it ran in."""
+        rows = sum(len(p.inputs) for p in batch)
+        pass_span = tracing.record(
+            "batch", traced[0].trace, started_ns, end_ns,
+            {"vision.batch.size": rows, "vision.batch.requests": len(batch), "vision.model": self._name},
+            links=[p.trace for p in traced[1:]],
+        )
+        for pending in traced:
+            queued_ns = started_ns - int((started - pending.enqueued) * 1e9)
+            tracing.record("queue", pending.trace, queued_ns, started_ns, {"vision.model": self._name})
+            tracing.record(
+                "inference", pending.trace, started_ns, end_ns,
+                {"vision.model": self._name, "vision.rows": len(pending.inputs), "vision.batch.size": rows},
+                links=[pass_span],
+            )
 
 
 def _resolve(future: asyncio.Future[Outputs], result: Outputs | None = None, exc: BaseException | None = None) -> None:

@@ -33,6 +33,7 @@ import numpy as np
 
 from vision.backends.base import InferenceBackend, Outputs, request_deadline
 from vision.backends.batching import BatchStats, chunks, joined
+from vision.core import tracing
 from vision.core.errors import (
     ConfigurationError,
     DeadlineExceeded,
@@ -359,13 +360,19 @@ class TritonBackend(InferenceBackend):
                 raise DeadlineExceeded(f"the deadline passed while waiting for {self._where}")
             started = time.perf_counter()
             try:
-                result = await self._client.infer(
-                    self._model,
-                    inputs,
-                    model_version=self._version,
-                    outputs=requested,
-                    client_timeout=min(remaining, self._timeout),
-                )
+                with tracing.span("triton.infer", {
+                    "rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.method": "ModelInfer",
+                    "vision.model": self._model, "vision.rows": n, "vision.attempt": attempt,
+                }, kind="client"):
+                    # Triton in its OpenTelemetry trace mode continues the W3C context sent as metadata.
+                    result = await self._client.infer(
+                        self._model,
+                        inputs,
+                        model_version=self._version,
+                        outputs=requested,
+                        client_timeout=min(remaining, self._timeout),
+                        headers=tracing.inject({}) or None,
+                    )
             except InferenceServerException as exc:
                 error = self._translate(exc, deadline)
                 # A timed-out attempt may still be running on Triton: retrying would pile more work on it.

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vision.config.uri import ModelUri, parse_model_uri
-from vision.core import metrics
+from vision.core import metrics, tracing
 from vision.core.errors import ConfigurationError, NotFound
 from vision.core.files import atomic_write
 from vision.registry.golden import GateFailed, Golden, gate
@@ -270,6 +270,17 @@ class Follower:
         return await self.switch(repository, target)
 
     async def switch(self, repository: "ModelRepository", version: str) -> str | None:
+        """Publish `version` and make it the default (gate, load, switch, drain and retire the old one); the
+        version now served, None when it was refused."""
+        attributes = {"vision.model": self.name, "vision.version.from": self.status.serving_version or "",
+                      "vision.version.to": version}
+        with tracing.span("registry.switch", attributes) as current:
+            switched = await self._switch(repository, version)
+            if current is not None:
+                current.set_attribute("vision.outcome", "served" if switched else "refused")
+            return switched
+
+    async def _switch(self, repository: "ModelRepository", version: str) -> str | None:
         started = time.monotonic()
         old = self.status.serving_version
         log.info("registry: %s moved to version %s (serving %s): publishing", self.uri, version, old)

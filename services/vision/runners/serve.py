@@ -65,7 +65,14 @@ def run(args: argparse.Namespace) -> int:
     except (ValidationError, ConfigurationError) as exc:
         print(f"vision serve: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from vision.core import tracing
+
+    try:
+        tracing.configure(tracing.service_name(settings.services))
+    except ConfigurationError as exc:
+        print(f"vision serve: invalid tracing configuration: {exc}", file=sys.stderr)
+        return 2
+    tracing.configure_logging(settings.log_level)
     from vision.runners.server import Endpoints, serve
 
     def announce(endpoints: Endpoints) -> None:
@@ -84,10 +91,14 @@ def run(args: argparse.Namespace) -> int:
 
             run_on_ray(settings, on_ready=announce)
         else:
+            if "jobs" in settings.services:
+                tracing.instrument_celery()  # a submit's context travels in the task's headers to the worker
             asyncio.run(serve(settings, on_ready=announce))
     except BrokenPipeError:
         raise  # an OSError, but of our own output: `vision.cli.main` ends the command quietly
     except (ConfigurationError, OSError) as exc:
         print(f"vision serve: cannot start: {exc}", file=sys.stderr)
         return 1
+    finally:
+        tracing.shutdown()
     return 0

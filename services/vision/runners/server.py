@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 from vision.api.security import ServerCertificates, authorization_for, is_loopback, methods_changing_state
 from vision.config.settings import ServeSettings
 from vision.core.cpus import describe_cpus
+from vision.core import tracing
 from vision.core.metrics import serve_metrics
 from vision.core.wire import MAX_MESSAGE_BYTES
 from vision.runners.hosting import SWITCH_INTERVAL_S, HealthState, Hosting, host, hosted_services
@@ -119,6 +120,19 @@ def _bind(
     return port, metrics_httpd, metrics_port
 
 
+def _tracing_interceptor() -> grpc.aio.ServerInterceptor | None:
+    """OpenTelemetry's grpc.aio server interceptor while tracing is on (vision.core.tracing): a server span per
+    RPC continuing the caller's W3C context from the metadata. First in the chain, so a call the authorization
+    refuses is traced too. Health checks and reflection are left out: probes every few seconds would bury
+    the traces worth reading."""
+    if not tracing.enabled():
+        return None
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+    quiet = filters.negate(filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection")))
+    return aio_server_interceptor(tracer_provider=tracing.provider(), filter_=quiet)
+
+
 async def _health_only_server(
     settings: ServeSettings, health: health_aio.HealthServicer
 ) -> tuple[grpc.aio.Server, int] | tuple[None, None]:
@@ -178,9 +192,10 @@ async def serve(
             await registry.close()
         await repository.close()
         raise
+    interceptors = [i for i in (_tracing_interceptor(), authorization) if i is not None]
     server = grpc.aio.server(
         options=_grpc_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-        interceptors=[authorization] if authorization is not None else None,
+        interceptors=interceptors or None,
     )
     try:
         hosting = host(repository, settings, server, hosted)

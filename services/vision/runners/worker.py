@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# OpenTelemetry's service.name of the workers' spans, unless OTEL_SERVICE_NAME says otherwise.
+WORKER_SERVICE_NAME = "vision-worker"
+
+
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
@@ -93,7 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError) as exc:
         print(f"{PROG}: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from vision.core import tracing
+    from vision.core.errors import ConfigurationError
+
+    try:
+        # Checked here, where a bad value stops the worker; each pool process turns tracing on for itself.
+        tracing.config_from_env(os.environ, WORKER_SERVICE_NAME)
+    except ConfigurationError as exc:
+        print(f"{PROG}: invalid tracing configuration: {exc}", file=sys.stderr)
+        return 2
+    tracing.configure_logging(settings.log_level)
     return supervise(settings)
 
 
@@ -170,8 +183,12 @@ def run_node(queue: str) -> int:
     """One Celery worker node for `queue` (run by the supervisor with its settings in the environment)."""
     settings = WorkerSettings.model_validate(json.loads(os.environ["VISION_WORKER_SETTINGS"]))
     logging.basicConfig(
-        level=settings.log_level, format=f"%(asctime)s %(levelname)s [{queue}] %(name)s: %(message)s"
+        level=settings.log_level, format=f"%(asctime)s %(levelname)s [{queue}] %(name)s: %(message)s%(trace_ids)s"
     )
+    from vision.core import tracing
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(tracing.TraceIdsFilter())
     from celery.signals import worker_process_init, worker_process_shutdown
 
     from vision.jobs.app import make_app
@@ -192,12 +209,16 @@ def run_node(queue: str) -> int:
         import multiprocessing
 
         multiprocessing.current_process()._config["daemon"] = False  # type: ignore[attr-defined]
+        # After the fork: the span exporter's thread does not survive one (the instrumentation's own advice).
+        tracing.configure(WORKER_SERVICE_NAME)
+        tracing.instrument_celery()
 
     @worker_process_shutdown.connect(weak=False)
     def _pool_process_gone(pid: int | None = None, **_: Any) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid or os.getpid())
+        tracing.shutdown()  # what the process traced reaches the receiver before it exits
 
     concurrency = 1 if queue == TRAIN else settings.concurrency
     argv = [

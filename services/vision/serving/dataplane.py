@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from vision.core import metrics
+from vision.core import metrics, tracing
 from vision.core.errors import InvalidArgument, InvalidImage, ResourceExhausted
 from vision.media.imaging import DecodeLimits, decode_image
 from vision.media.views import ViewSpec, make_views
@@ -81,13 +81,28 @@ class DataPlane:
             outputs = await self.infer(model, call.images, task.views(card, prepared), task.outputs(card, prepared))
             metrics.IMAGES.labels(service=service, model=card.name, version=card.version).inc(len(call.images))
 
+            parent = tracing.capture()
+
             def finish() -> Any:
-                return respond(card, call.images, task.postprocess(card, outputs, prepared))
+                if parent is None:
+                    return respond(card, call.images, task.postprocess(card, outputs, prepared))
+                started = tracing.now_ns()
+                try:
+                    return respond(card, call.images, task.postprocess(card, outputs, prepared))
+                finally:
+                    tracing.record("postprocess", parent, started, tracing.now_ns(), {"vision.task": task.name})
 
             return await asyncio.get_running_loop().run_in_executor(self._post_pool, finish)
 
     def _load_one(
-        self, model: ServedModel, spec: ViewSpec, limits: DecodeLimits, draft: int | None, index: int, image: EncodedImage
+        self,
+        model: ServedModel,
+        spec: ViewSpec,
+        limits: DecodeLimits,
+        draft: int | None,
+        parent: Any,
+        index: int,
+        image: EncodedImage,
     ) -> Loaded:
         labels = {"model": model.card.name, "version": model.card.version}
         preset = model.card.preset
@@ -100,8 +115,17 @@ class DataPlane:
             views = [] if tiny else make_views(decoded, preset, spec)
         except InvalidImage as exc:
             raise exc.at(index, image.id) from None
+        finished = time.perf_counter()
         metrics.STAGE_LATENCY.labels(stage="decode", **labels).observe(decoded_at - started)
-        metrics.STAGE_LATENCY.labels(stage="preprocess", **labels).observe(time.perf_counter() - decoded_at)
+        metrics.STAGE_LATENCY.labels(stage="preprocess", **labels).observe(finished - decoded_at)
+        if parent is not None:
+            end_ns = tracing.now_ns()
+            decoded_ns = end_ns - int((finished - decoded_at) * 1e9)
+            tracing.record("decode", parent, decoded_ns - int((decoded_at - started) * 1e9), decoded_ns, {
+                "vision.image.index": index, "vision.image.bytes": len(image.content),
+                "vision.image.width": decoded.size[0], "vision.image.height": decoded.size[1],
+            })
+            tracing.record("views", parent, decoded_ns, end_ns, {"vision.image.index": index, "vision.views": len(views)})
         return decoded.size, views
 
     def _limits_for(self, spec: ViewSpec) -> DecodeLimits:
@@ -120,6 +144,7 @@ class DataPlane:
             # A JPEG decoded downsampled must not turn into a tiny image: its views would be dropped.
             draft = max(draft, self._limits.min_side)
         loop = asyncio.get_running_loop()
+        parent = tracing.capture()
         # A request keeps at most one decode per worker queued, so the pool interleaves requests instead of
         # making a 1-image request wait behind all 64 images of another (the same fairness the batcher gives
         # inference by queueing a large request one chunk at a time).
@@ -130,7 +155,7 @@ class DataPlane:
             async with window:
                 if failed.is_set():
                     raise asyncio.CancelledError
-                return await loop.run_in_executor(self._pool, self._load_one, model, spec, limits, draft, index, image)
+                return await loop.run_in_executor(self._pool, self._load_one, model, spec, limits, draft, parent, index, image)
 
         tasks = [asyncio.ensure_future(load(i, img)) for i, img in enumerate(images)]
         try:
