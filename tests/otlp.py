@@ -58,6 +58,28 @@ def _spans(request: trace_service_pb2.ExportTraceServiceRequest) -> list[Span]:
     return out
 
 
+_ID_KEYS = ("traceId", "spanId", "parentSpanId")
+
+
+def _from_json(body: bytes) -> trace_service_pb2.ExportTraceServiceRequest:
+    """OTLP/JSON, whose ids are hex strings where protobuf's JSON mapping expects base64."""
+    import base64
+    import json
+
+    from google.protobuf import json_format
+
+    def fix(node: object) -> object:
+        if isinstance(node, dict):
+            return {k: base64.b64encode(bytes.fromhex(v)).decode() if k in _ID_KEYS and isinstance(v, str) else fix(v)
+                    for k, v in node.items()}
+        if isinstance(node, list):
+            return [fix(v) for v in node]
+        return node
+
+    return json_format.ParseDict(fix(json.loads(body)), trace_service_pb2.ExportTraceServiceRequest(),
+                                 ignore_unknown_fields=True)
+
+
 class Receiver:
     """Collects every exported span; `endpoint` is what OTEL_EXPORTER_OTLP_ENDPOINT should say."""
 
@@ -120,11 +142,15 @@ class HttpReceiver(Receiver):
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.path != "/v1/traces" or self.headers.get("Content-Type") != "application/x-protobuf":
+                kind = self.headers.get("Content-Type", "")
+                if self.path != "/v1/traces" or not kind.startswith(("application/x-protobuf", "application/json")):
+                    receiver.refused.append((self.path, kind))
                     self.send_response(404)
                     self.end_headers()
                     return
-                receiver.add(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+                # OTLP/HTTP has a JSON encoding too (Triton's opentelemetry-cpp exporter sends it).
+                receiver.add(_from_json(body) if kind.startswith("application/json")
+                             else trace_service_pb2.ExportTraceServiceRequest.FromString(body))
                 reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -135,6 +161,7 @@ class HttpReceiver(Receiver):
             def log_message(self, *args: object) -> None:
                 pass
 
+        self.refused: list[tuple[str, str | None]] = []
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self._httpd.server_address[1]
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()

@@ -698,3 +698,34 @@ def test_no_network_policy_rule_admits_everyone(values):
         (expr,) = peer["podSelector"]["matchExpressions"]
         assert expr["key"] == "app.kubernetes.io/component" and "jobs" in expr["values"]
         assert not {"classification", "tagging", "mlflow"} & set(expr["values"])
+
+
+def test_tracing_reaches_every_role_as_the_standard_variables_and_triton_continues_the_traces():
+    """Off by default; with an endpoint, the settings ConfigMap (read by every service and worker container) carries OTEL_* values that vision's own check accepts, and Triton runs in its OpenTelemetry
+    mode against the collector's HTTP receiver."""
+    from vision.core import tracing
+
+    def settings_of(docs: tuple[dict, ...]) -> dict:
+        (settings,) = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-settings")]
+        return settings["data"]
+
+    assert not any(k.startswith("OTEL_") for k in settings_of(render("production-gpu")))
+    docs = render("all-on")
+    env = {k: v for k, v in settings_of(docs).items() if k.startswith("OTEL_")}
+    config = tracing.config_from_env(env, "vision-worker")
+    assert config is not None and config.endpoint == "http://otel-collector.monitoring:4317"
+    assert (config.protocol, config.sampler, config.sampler_arg) == ("grpc", "parentbased_traceidratio", 0.05)
+    roles = [d for d in of_kind(docs, "Deployment") if d["metadata"]["labels"].get("vision-platform/role") in ("service", "worker")]
+    assert {d["metadata"]["labels"]["vision-platform/role"] for d in roles} == {"service", "worker"}
+    for workload in roles:
+        for c in pod_spec(workload)["containers"]:
+            assert any(ref.get("configMapRef", {}).get("name", "").endswith("-settings") for ref in c.get("envFrom", [])), c["name"]
+    (triton,) = [d for d in of_kind(docs, "Deployment") if component(d) == "triton"]
+    server = next(c for c in pod_spec(triton)["containers"] if c["name"] == "tritonserver")
+    assert "--trace-config=mode=opentelemetry" in server["args"] and "--trace-config=rate=0" in server["args"]
+    assert "--trace-config=opentelemetry,url=http://otel-collector.monitoring:4318/v1/traces" in server["args"]
+    # Triton speaks OTLP/HTTP only: an endpoint without its URL is refused at render time, with the reason.
+    failed = helm("template", RELEASE, str(CHART), *VALUES["all-on"], "--set", "tracing.triton.url=")
+    assert failed.returncode != 0 and "Triton exports OTLP/HTTP only" in failed.stderr
+    failed = helm("template", RELEASE, str(CHART), *VALUES["all-on"], "--set", "tracing.sampler=sometimes")
+    assert failed.returncode != 0 and "/tracing/sampler" in failed.stderr

@@ -279,3 +279,52 @@ def test_classification_through_a_triton_served_over_mutual_tls(triton_stack, ph
         if service is not None:
             service.stop()
         triton.stop()
+
+
+def test_a_traced_request_continues_into_tritons_own_spans(triton_stack, photos, tmp_path):
+    """tritonserver in its OpenTelemetry trace mode (rate=0: only requests that carry a context) exporting
+    OTLP/HTTP to a loopback receiver, and a traced `vision serve`: Triton's spans join the caller's trace,
+    under the service's `triton.infer` client span."""
+    from otlp import HttpReceiver, exporting_env, traceparent
+
+    from vision.triton import TritonProcess
+
+    receiver = HttpReceiver()
+    triton = TritonProcess(
+        triton_stack["repository"], runtime=triton_stack["runtime"], log_path=tmp_path / "triton-traced.log",
+        extra_args=["--trace-config=mode=opentelemetry", "--trace-config=rate=0", "--trace-config=count=-1",
+                    "--trace-config=level=TIMESTAMPS", f"--trace-config=opentelemetry,url={receiver.endpoint}/v1/traces",
+                    "--trace-config=opentelemetry,resource=service.name=triton",
+                    "--trace-config=opentelemetry,bsp_schedule_delay=100"],
+    ).start()
+    service = None
+    try:
+        service = ServerProcess(
+            ["--services", "classification", "--backend", "triton", "--triton-url", triton.grpc_address],
+            tmp_path / "serve.log", env=exporting_env(receiver, "http/protobuf"),
+        ).wait_ready()
+        header, trace_id, _ = traceparent()
+        response = _stub(service.address).Classify(
+            classify_request(photos["coffee.jpg"], top_k=1), timeout=60, metadata=(("traceparent", header),)
+        )
+        assert response.results[0].predictions[0].index == 967
+        try:
+            spans = receiver.wait_for(lambda spans: {"triton", "vision-classification"} <= {
+                s.service for s in spans if s.trace_id == trace_id and s.name in ("InferRequest", "triton.infer")})
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nrefused exports: {receiver.refused}") from None
+        mine = [s for s in spans if s.trace_id == trace_id]
+        (client,) = [s for s in mine if s.name == "triton.infer"]
+        assert client.kind == 3 and client.service == "vision-classification"  # CLIENT
+        tritons = [s for s in mine if s.service == "triton"]
+        # Triton's top-level span continues the context our client span sent; its model and compute spans
+        # sit under it.
+        (top,) = [s for s in tritons if s.name == "InferRequest"]
+        assert top.parent_id == client.span_id, [(s.name, s.span_id, s.parent_id) for s in mine]
+        (model,) = [s for s in tritons if s.parent_id == top.span_id]
+        assert model.name == "efficientnet_lite0" and [s.name for s in tritons if s.parent_id == model.span_id] == ["compute"]
+    finally:
+        if service is not None:
+            service.stop()
+        triton.stop()
+        receiver.close()
