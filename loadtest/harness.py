@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -179,11 +180,14 @@ def rss_mib(pid: int) -> float:
 
 
 class SpawnedServer:
-    def __init__(self, serve_args: list[str]) -> None:
+    def __init__(self, serve_args: list[str], env: dict[str, str] | None = None) -> None:
+        """`vision serve` with `serve_args`; `env` is added to this process's environment (OTEL_*, or a
+        PYTHONPATH that runs another tree's code)."""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vision.cli", "serve", "--port", "0", "--metrics-port", "0", *serve_args],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, **env} if env else None,
         )
         self.target = ""
         self.metrics_url = ""
