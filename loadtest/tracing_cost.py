@@ -3,6 +3,8 @@ with an older tree, in alternating rounds on one machine.
 
     python -m loadtest.tracing_cost --image coffee.jpg --rounds 6 --duration 10
     python -m loadtest.tracing_cost --image coffee.jpg --old-tree /tmp/old   # + a `git worktree` of an older commit
+    python -m loadtest.tracing_cost --image coffee.jpg --on-env OTEL_TRACES_SAMPLER=parentbased_traceidratio \
+        --on-env OTEL_TRACES_SAMPLER_ARG=0.05                                 # the chart's default sampling
 
 Starts one `vision serve` per variant with the same settings: `off` (no OTEL_* variables), `on` (an OTLP/gRPC
 endpoint and the default sampler, parentbased_always_on: the clients send no context, so every request is
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds (default 6)")
     parser.add_argument("--old-tree", type=Path, help="an older checkout (git worktree) to run as a third variant")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `vision serve` argument for every server")
+    parser.add_argument("--on-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra variable for the traced server, e.g. OTEL_TRACES_SAMPLER=parentbased_traceidratio")
     args = parser.parse_args(argv)
     image = read_image(parser.prog, args.image)
     if image is None:
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     errors = 0
     try:
         servers["off"] = SpawnedServer(args.serve_arg)
-        servers["on"] = SpawnedServer(args.serve_arg, env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint})
+        extra = dict(item.split("=", 1) for item in args.on_env)
+        servers["on"] = SpawnedServer(args.serve_arg, env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, **extra})
         if args.old_tree is not None:
             old = args.old_tree.resolve()
             servers["old"] = SpawnedServer(args.serve_arg, env={"PYTHONPATH": f"{old / 'services'}:{old}"})
