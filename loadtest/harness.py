@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import re
@@ -177,6 +178,16 @@ def rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as fh:
         match = re.search(r"VmRSS:\s+(\d+) kB", fh.read())
     return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def add_round_flags(parser: argparse.ArgumentParser, rounds: int = 6) -> None:
+    """The flags of every benchmark that alternates servers round by round: the image, clients, seconds per
+    run (measured and warm-up) and rounds."""
+    parser.add_argument("--image", type=Path, required=True, help="image sent in every request")
+    parser.add_argument("--concurrency", type=int, default=16, help="clients per run (default 16)")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run (default 10)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each run (default 2)")
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"alternating rounds (default {rounds})")
 
 
 class SpawnedServer:

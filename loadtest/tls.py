@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loadtest.harness import SpawnedServer, read_image, service_run
+from loadtest.harness import SpawnedServer, add_round_flags, read_image, service_run
 from vision.client.channel import Endpoint, open_channel
 
 
@@ -50,11 +50,7 @@ def connection_ms(target: str | Endpoint, connections: int) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.tls", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", type=Path, required=True, help="image sent in every request")
-    parser.add_argument("--concurrency", type=int, default=16, help="clients per run (default 16)")
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run (default 10)")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each run (default 2)")
-    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds (default 6)")
+    add_round_flags(parser)
     parser.add_argument("--connections", type=int, default=200, help="new connections timed per side (default 200)")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `vision serve` argument for both servers")
     args = parser.parse_args(argv)

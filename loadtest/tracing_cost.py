@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 
-from loadtest.harness import SpawnedServer, read_image, service_run
+from loadtest.harness import SpawnedServer, add_round_flags, read_image, service_run
 
 
 class DiscardingReceiver:
@@ -52,11 +52,7 @@ class DiscardingReceiver:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.tracing_cost", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", type=Path, required=True, help="image sent in every request")
-    parser.add_argument("--concurrency", type=int, default=16, help="clients of the throughput runs (default 16)")
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run (default 10)")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each run (default 2)")
-    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds (default 6)")
+    add_round_flags(parser)
     parser.add_argument("--old-tree", type=Path, help="an older checkout (git worktree) to run as a third variant")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `vision serve` argument for every server")
     parser.add_argument("--on-env", action="append", default=[], metavar="KEY=VALUE",

@@ -247,23 +247,6 @@ def _link(target: Any) -> Any:
     return trace.Link(trace.get_current_span(target).get_span_context())  # a captured context
 
 
-def start(
-    name: str, parent: Any, start_ns: int, attributes: Mapping[str, Any] | None = None, links: Sequence[Any] = ()
-) -> Any:
-    """An open span under `parent` (a `capture`d context) that the caller ends (`end(span, end_ns)`), linked
-    to `links` (spans or captured contexts); None while tracing is off or without a parent."""
-    if _tracer is None or parent is None:
-        return None
-    return _tracer.start_span(
-        name, context=parent, start_time=start_ns, attributes=attributes, links=[_link(t) for t in links if t is not None]
-    )
-
-
-def end(started: Any, end_ns: int) -> None:
-    if started is not None:
-        started.end(end_time=end_ns)
-
-
 def record(
     name: str,
     parent: Any,
@@ -272,10 +255,15 @@ def record(
     attributes: Mapping[str, Any] | None = None,
     links: Sequence[Any] = (),
 ) -> Any:
-    """A finished span timed elsewhere, under `parent`; returned, so that others can link to it."""
-    started = start(name, parent, start_ns, attributes, links)
-    end(started, end_ns)
-    return started
+    """A finished span timed elsewhere, under `parent` (a `capture`d context), linked to `links` (spans or
+    captured contexts); returned, so that others can link to it. None while tracing is off or without a parent."""
+    if _tracer is None or parent is None:
+        return None
+    recorded = _tracer.start_span(
+        name, context=parent, start_time=start_ns, attributes=attributes, links=[_link(t) for t in links if t is not None]
+    )
+    recorded.end(end_time=end_ns)
+    return recorded
 
 
 def inject(headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
@@ -309,9 +297,9 @@ class TraceIdsFilter(logging.Filter):
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s%(trace_ids)s"
 
 
-def configure_logging(level: int | str) -> None:
-    """The processes' log format: trace and span ids appended while a span is active."""
-    logging.basicConfig(level=level, format=LOG_FORMAT)
+def configure_logging(level: int | str, log_format: str = LOG_FORMAT) -> None:
+    """The processes' log format (ending with `%(trace_ids)s`): trace and span ids appended while a span is active."""
+    logging.basicConfig(level=level, format=log_format)
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, TraceIdsFilter) for f in handler.filters):
             handler.addFilter(TraceIdsFilter())

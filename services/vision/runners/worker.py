@@ -182,13 +182,9 @@ def supervise(settings: WorkerSettings) -> int:
 def run_node(queue: str) -> int:
     """One Celery worker node for `queue` (run by the supervisor with its settings in the environment)."""
     settings = WorkerSettings.model_validate(json.loads(os.environ["VISION_WORKER_SETTINGS"]))
-    logging.basicConfig(
-        level=settings.log_level, format=f"%(asctime)s %(levelname)s [{queue}] %(name)s: %(message)s%(trace_ids)s"
-    )
     from vision.core import tracing
 
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(tracing.TraceIdsFilter())
+    tracing.configure_logging(settings.log_level, f"%(asctime)s %(levelname)s [{queue}] %(name)s: %(message)s%(trace_ids)s")
     from celery.signals import worker_process_init, worker_process_shutdown
 
     from vision.jobs.app import make_app

@@ -84,13 +84,12 @@ class DataPlane:
             parent = tracing.capture()
 
             def finish() -> Any:
-                if parent is None:
-                    return respond(card, call.images, task.postprocess(card, outputs, prepared))
                 started = tracing.now_ns()
                 try:
                     return respond(card, call.images, task.postprocess(card, outputs, prepared))
                 finally:
-                    tracing.record("postprocess", parent, started, tracing.now_ns(), {"vision.task": task.name})
+                    if parent is not None:
+                        tracing.record("postprocess", parent, started, tracing.now_ns(), {"vision.task": task.name})
 
             return await asyncio.get_running_loop().run_in_executor(self._post_pool, finish)
 
